@@ -1,0 +1,57 @@
+"""Errors a user can hit. Each says what went wrong and what to do next; the CLI prints them plainly."""
+
+from __future__ import annotations
+
+
+class HivegenError(Exception):
+    """Base class of every error hivegen raises on purpose."""
+
+
+class ModelLoadError(HivegenError):
+    """A model directory is missing, malformed, or not a supported decoder-only checkpoint."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The checkpoint's architecture does not follow the decoder-layer interface hivegen drives."""
+
+
+class NoRouteError(HivegenError):
+    """No chain of announced nodes covers every block of the model."""
+
+    def __init__(self, model_key: str, missing_blocks: list[int]) -> None:
+        self.model_key = model_key
+        self.missing_blocks = missing_blocks
+        super().__init__(
+            f"no node serves blocks {format_blocks(missing_blocks)} of {model_key}; "
+            "start a node for them with `hivegen node serve --blocks START:END` or check --initial-peers"
+        )
+
+
+class RemoteError(HivegenError):
+    """A node refused or failed a request; `code` is the gRPC status name."""
+
+    def __init__(self, address: str, code: str, details: str) -> None:
+        self.address = address
+        self.code = code
+        self.details = details
+        super().__init__(f"node {address} answered {code}: {details}")
+
+
+class SessionError(HivegenError):
+    """An inference session was used wrongly (closed, past its max length, wrong batch size)."""
+
+
+def format_blocks(blocks: list[int]) -> str:
+    """Render [0, 1, 2, 5] as '0-2, 5'."""
+    if not blocks:
+        return "(none)"
+    ranges: list[str] = []
+    start = prev = blocks[0]
+    for b in blocks[1:] + [None]:  # type: ignore[list-item]
+        if b is not None and b == prev + 1:
+            prev = b
+            continue
+        ranges.append(str(start) if start == prev else f"{start}-{prev}")
+        if b is not None:
+            start = prev = b
+    return ", ".join(ranges)

@@ -1,0 +1,104 @@
+"""Read a Hugging Face safetensors checkpoint: its config, where each tensor lives, its digest.
+
+Only the shards that hold the requested tensors are opened, so a node hosting a few
+blocks of a large model never reads the rest of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from hivegen.errors import ModelLoadError
+
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelCheckpoint:
+    """A checkpoint directory: config plus a map from tensor name to the shard holding it."""
+
+    path: Path
+    config: PretrainedConfig
+    tensor_files: dict[str, str]  # tensor name -> shard file name inside `path`
+
+    @classmethod
+    def open(cls, path: str | Path) -> ModelCheckpoint:
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise ModelLoadError(f"model directory {root} does not exist; pass a Hugging Face checkpoint directory")
+        if not (root / "config.json").is_file():
+            raise ModelLoadError(f"{root} has no config.json; is it a Hugging Face checkpoint directory?")
+        try:
+            config = AutoConfig.from_pretrained(root)
+        except (ValueError, OSError, KeyError) as exc:
+            raise ModelLoadError(f"cannot read the config in {root}: {exc}") from exc
+        return cls(path=root, config=config, tensor_files=_tensor_files(root))
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        return self.config.get_text_config(decoder=True)
+
+    @property
+    def name(self) -> str:
+        """A human-readable name: the directory name, lower-cased, DHT-safe."""
+        return re.sub(r"[^a-z0-9_-]+", "-", self.path.resolve().name.lower()).strip("-") or "model"
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.tensor_files
+
+    def load_tensors(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Load the named tensors, opening each shard that holds any of them exactly once."""
+        missing = [n for n in names if n not in self.tensor_files]
+        if missing:
+            raise ModelLoadError(f"checkpoint {self.path} lacks tensors {missing[:5]} (and {max(0, len(missing) - 5)} more)")
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.tensor_files[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file_name, file_names in by_file.items():
+            with safe_open(str(self.path / file_name), framework="pt", device="cpu") as shard:
+                for name in file_names:
+                    tensor = shard.get_tensor(name)
+                    out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        return out
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 over config.json and every weight file: two checkpoints share a digest only if identical."""
+        hasher = hashlib.sha256()
+        hasher.update((self.path / "config.json").read_bytes())
+        for file_name in sorted(set(self.tensor_files.values())):
+            hasher.update(file_name.encode())
+            with open(self.path / file_name, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    hasher.update(chunk)
+        return hasher.hexdigest()
+
+
+def _tensor_files(root: Path) -> dict[str, str]:
+    index = root / _INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {str(k): str(v) for k, v in weight_map.items()}
+    single = root / _SINGLE_FILE
+    if single.is_file():
+        with safe_open(str(single), framework="pt", device="cpu") as shard:
+            return {name: _SINGLE_FILE for name in shard.keys()}
+    raise ModelLoadError(
+        f"{root} has no {_SINGLE_FILE} or {_INDEX_FILE}; hivegen reads safetensors checkpoints only "
+        "(convert .bin/.gguf with `hivegen models prepare` or transformers' save_pretrained)"
+    )

@@ -1,0 +1,32 @@
+"""Regenerate hivegen/proto/*_pb2*.py from the .proto files (tests check that they are current)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from grpc_tools import protoc
+
+PROTO_DIR = Path(__file__).resolve().parent.parent / "hivegen" / "proto"
+
+
+def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
+    """Compile every .proto in PROTO_DIR into out_dir; return the files written."""
+    written: list[Path] = []
+    for proto in sorted(PROTO_DIR.glob("*.proto")):
+        args = ["grpc_tools.protoc", f"-I{PROTO_DIR}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", str(proto)]
+        if protoc.main(args) != 0:
+            raise SystemExit(f"protoc failed on {proto}")
+        grpc_file = out_dir / f"{proto.stem}_pb2_grpc.py"
+        # protoc emits a top-level import; make it relative so the stubs live inside the package.
+        text = grpc_file.read_text()
+        text = re.sub(rf"^import {proto.stem}_pb2 as", f"from . import {proto.stem}_pb2 as", text, flags=re.M)
+        grpc_file.write_text(text)
+        written += [out_dir / f"{proto.stem}_pb2.py", grpc_file]
+    return written
+
+
+if __name__ == "__main__":
+    for path in generate(Path(sys.argv[1]) if len(sys.argv) > 1 else PROTO_DIR):
+        print(path)
