@@ -57,6 +57,22 @@ class ModelCheckpoint:
         """A human-readable name: the directory name, lower-cased, DHT-safe."""
         return re.sub(r"[^a-z0-9_-]+", "-", self.path.resolve().name.lower()).strip("-") or "model"
 
+    @property
+    def model_key(self) -> str:
+        """The model's identity in the swarm: its name plus a prefix of its weights digest."""
+        return f"{self.name}-{self.digest[:12]}"
+
+    def default_dtype(self, device: str = "cpu") -> torch.dtype:
+        """The checkpoint's own dtype, except half precision on CPU, which runs as float32."""
+        native = getattr(self.text_config, "dtype", None) or torch.float32
+        if isinstance(native, str):
+            native = getattr(torch, native, torch.float32)
+        if not isinstance(native, torch.dtype) or not native.is_floating_point:
+            return torch.float32
+        if str(device).startswith("cpu") and native in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return native
+
     def has_tensor(self, name: str) -> bool:
         return name in self.tensor_files
 

@@ -41,11 +41,6 @@ class BlockSpan:
             self.skeleton.materialize(layer, dtype, self.device)
         self.skeleton.base.rotary_emb.to(self.device)
         self.layer_types = self.skeleton.layer_types[start:end]
-        # Masks are built once per step for each attention type in the span, keyed to the first
-        # layer of that type here: the cache only knows the lengths of layers this span has filled.
-        self.mask_layer: dict[str, int] = {}
-        for offset, kind in enumerate(self.layer_types):
-            self.mask_layer.setdefault(kind, start + offset)
 
     @property
     def num_parameters(self) -> int:
@@ -54,8 +49,17 @@ class BlockSpan:
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 
-    def cached_length(self, cache: DynamicCache) -> int:
-        return int(cache.get_seq_length(layer_idx=self.start))
+    def cached_length(self, cache: DynamicCache, start: int | None = None) -> int:
+        return int(cache.get_seq_length(layer_idx=self.start if start is None else start))
+
+    @staticmethod
+    def _mask_layers(start: int, kinds: list[str]) -> dict[str, int]:
+        """The first layer of each attention type in the blocks run: masks are keyed to it, since
+        the session's cache only knows the lengths of layers this span has filled."""
+        first: dict[str, int] = {}
+        for offset, kind in enumerate(kinds):
+            first.setdefault(kind, start + offset)
+        return first
 
     @torch.inference_mode()
     def forward(
@@ -64,12 +68,20 @@ class BlockSpan:
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: DynamicCache,
+        start: int | None = None,
+        end: int | None = None,
     ) -> torch.Tensor:
-        """Run the span on `hidden` [batch, new, hidden_size].
+        """Run blocks [start, end) (default: the whole span) on `hidden` [batch, new, hidden_size].
 
         `attention_mask` is the 2-D padding mask [batch, past + new] of the whole session so
         far; `position_ids` [batch, new] are the new tokens' positions.
         """
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"blocks {start}:{end} are not inside this span {self.start}:{self.end}")
+        layers = self.layers[start - self.start : end - self.start]
+        kinds = self.layer_types[start - self.start : end - self.start]
         hidden = hidden.to(device=self.device, dtype=self.dtype)
         position_ids = position_ids.to(self.device)
         # Like transformers' generate: an all-ones padding mask is dropped, so attention takes its
@@ -77,7 +89,7 @@ class BlockSpan:
         mask_2d = None if bool(attention_mask.all()) else attention_mask.to(self.device)
         masks: dict[str, object] = {}
         rotary: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for kind, layer_idx in self.mask_layer.items():
+        for kind, layer_idx in self._mask_layers(start, kinds).items():
             make_mask = create_sliding_window_causal_mask if kind == SLIDING_ATTENTION else create_causal_mask
             masks[kind] = make_mask(
                 config=self.config,
@@ -88,7 +100,7 @@ class BlockSpan:
                 layer_idx=layer_idx,
             )
             rotary[kind] = self.skeleton.rotary_embeddings(hidden, position_ids, kind)
-        for layer, kind in zip(self.layers, self.layer_types):
+        for layer, kind in zip(layers, kinds, strict=True):
             out = layer(
                 hidden,
                 attention_mask=masks[kind],

@@ -1,0 +1,215 @@
+"""The `hivegen` command. Thin: parses arguments and delegates to the packages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from hivegen import __version__
+from hivegen.errors import HivegenError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _blocks(text: str) -> tuple[int, int]:
+    try:
+        start_text, end_text = text.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks takes START:END, e.g. 0:10 (got {text!r})") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks {text}: need 0 <= START < END")
+    return start, end
+
+
+def _model_path(spec: str) -> Path:
+    from hivegen.model.demo import resolve_model_path
+
+    return resolve_model_path(spec)
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def _die_with_parent() -> None:
+    """Nodes started by `cluster up` exit when it dies, even by SIGKILL (Linux prctl)."""
+    from hivegen.cluster import PARENT_PID_ENV
+
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):
+        sys.exit(1)
+
+
+def cmd_node_serve(args: argparse.Namespace) -> int:
+    _die_with_parent()
+    import torch
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    from hivegen.node.server import NodeConfig, NodeServer
+
+    start, end = args.blocks
+    node = NodeServer(
+        NodeConfig(
+            model=_model_path(args.model), start=start, end=end, initial_peers=args.initial_peers or [],
+            host=args.host, port=args.port, dht_port=args.dht_port, device=args.device, dtype=args.dtype,
+            cache_tokens=args.cache_tokens, ready_file=Path(args.ready_file) if args.ready_file else None,
+        )
+    )  # fmt: skip
+    try:
+        node.start()
+        print(f"hivegen node: serving blocks {start}:{end} of {node.model_key} at {node.address}", flush=True)
+        if not args.initial_peers:
+            print("started a new swarm; others join it with:", flush=True)
+            print("  --initial-peers " + " ".join(node.join_addresses()), flush=True)
+        _wait_for_signal()
+    finally:
+        node.stop()
+    print("hivegen node: stopped and withdrawn from the DHT", flush=True)
+    return 0
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from hivegen.cluster import LocalCluster
+
+    cluster = LocalCluster(_model_path(args.model), nodes=args.nodes, host=args.host, dtype=args.dtype,
+                           node_threads=args.node_threads)  # fmt: skip
+    print(f"starting a DHT bootstrap peer and {len(cluster.spans)} nodes for {cluster.model_key} ...", flush=True)
+    try:
+        cluster.start()
+        for node in cluster.nodes:
+            print(f"node pid {node.pid}: blocks {node.blocks[0]}:{node.blocks[1]} at {node.address}", flush=True)
+        print(f"ready in {cluster.ready_seconds:.1f} s; initial peers: {' '.join(cluster.initial_peers)}", flush=True)
+        if args.ready_file:
+            tmp = Path(args.ready_file + ".tmp")
+            tmp.write_text(json.dumps(cluster.info(), indent=2))
+            tmp.replace(args.ready_file)
+        _wait_for_signal()
+    finally:
+        cluster.stop()
+    print("cluster stopped", flush=True)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer, TextStreamer
+
+    from hivegen.client import RemoteModelForCausalLM
+
+    path = _model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    use_chat = args.chat if args.chat is not None else tokenizer.chat_template is not None
+    if use_chat:
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )  # fmt: skip
+        input_ids = encoded["input_ids"]
+    else:
+        input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with RemoteModelForCausalLM.from_pretrained(path, initial_peers=args.initial_peers) as model:
+        model.generate(
+            input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer, seed=args.seed,
+            do_sample=args.temperature is not None and args.temperature > 0 or None,
+            temperature=args.temperature or None, top_k=args.top_k, top_p=args.top_p,
+        )  # fmt: skip
+    return 0
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from hivegen.model.demo import prepare_model
+
+    path = prepare_model(args.name, force=args.force, progress=True)
+    print(path, flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hivegen", description="Share GPUs for LLM inference, or generate on them.")
+    parser.add_argument("--version", action="version", version=f"hivegen {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    node = commands.add_parser("node", help="run a node that serves blocks").add_subparsers(dest="node_cmd", required=True)
+    serve = node.add_parser("serve", help="serve a span of a model's blocks and announce it in the DHT")
+    serve.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
+    serve.add_argument("--blocks", required=True, type=_blocks, help="START:END, the blocks to serve")
+    serve.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs to join (none: new swarm)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind and announce")
+    serve.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    serve.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
+    serve.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    serve.add_argument("--cache-tokens", type=int, default=65536, help="KV-cache budget, tokens over all sessions")
+    serve.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    serve.add_argument("--ready-file", help="write JSON here once serving and announced")
+    serve.set_defaults(handler=cmd_node_serve)
+
+    cluster = commands.add_parser("cluster", help="a local multi-process cluster").add_subparsers(
+        dest="cluster_cmd", required=True
+    )
+    up = cluster.add_parser("up", help="start a DHT peer and N nodes on this machine; Ctrl-C stops them all")
+    up.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
+    up.add_argument("--nodes", type=int, default=3, help="node processes; the blocks are split evenly")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    up.add_argument("--node-threads", type=int, default=0, help="torch threads per node (0: cores / nodes)")
+    up.add_argument("--ready-file", help="write JSON (initial_peers, nodes) here once every block is announced")
+    up.set_defaults(handler=cmd_cluster_up)
+
+    gen = commands.add_parser("generate", help="generate text through the swarm, streamed to the terminal")
+    gen.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
+    gen.add_argument("--initial-peers", nargs="+", required=True, help="DHT multiaddrs of the swarm")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="wrap the prompt in the tokenizer's chat template (default: if it has one)")  # fmt: skip
+    gen.set_defaults(handler=cmd_generate)
+
+    models = commands.add_parser("models", help="demo models").add_subparsers(dest="models_cmd", required=True)
+    prepare = models.add_parser("prepare", help="convert a demo model to a safetensors checkpoint, once")
+    prepare.add_argument("name", help="demo model name, e.g. smollm2")
+    prepare.add_argument("--force", action="store_true", help="convert again even if already prepared")
+    prepare.set_defaults(handler=cmd_models_prepare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except HivegenError as exc:
+        print(f"hivegen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

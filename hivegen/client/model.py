@@ -1,0 +1,173 @@
+"""RemoteModelForCausalLM: a Hugging Face-style model whose blocks run on the swarm."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import hivemind
+import torch
+from transformers import GenerationConfig
+
+from hivegen.client.routing import Hop, RoutingCosts
+from hivegen.client.sampling import SamplingParams, choose_next
+from hivegen.client.session import InferenceSession, StepTiming
+from hivegen.client.swarm import SwarmView
+from hivegen.model.checkpoint import ModelCheckpoint
+from hivegen.model.head import ClientHead, position_ids_from_mask
+from hivegen.proto.tensors import dtype_from_name
+
+
+class Streamer(Protocol):
+    """What transformers' streamers implement: the prompt first, then each new token, then end()."""
+
+    def put(self, value: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class RemoteModelForCausalLM:
+    """Embeddings, final norm and LM head run here; every decoder block runs on remote nodes."""
+
+    def __init__(self, checkpoint: ModelCheckpoint, head: ClientHead, swarm: SwarmView) -> None:
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.head = head
+        self.swarm = swarm
+        self.model_key = checkpoint.model_key
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
+        except OSError:
+            self.generation_config = GenerationConfig.from_model_config(checkpoint.config)
+        self.last_route: list[Hop] = []
+        self.last_timings: list[StepTiming] = []
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        initial_peers: Sequence[str] = (),
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str = "cpu",
+        dht: hivemind.DHT | None = None,
+        allowed_nodes: Collection[str] | None = None,
+        costs: RoutingCosts | None = None,
+        route_wait: float = 10.0,
+    ) -> RemoteModelForCausalLM:
+        """Load only the local parts of the checkpoint in `path` and join the swarm via `initial_peers`."""
+        checkpoint = ModelCheckpoint.open(path)
+        if isinstance(dtype, str):
+            dtype = dtype_from_name(dtype)
+        head = ClientHead(checkpoint, dtype=dtype or checkpoint.default_dtype(device), device=device)
+        swarm = SwarmView(
+            checkpoint.model_key, checkpoint.num_blocks, initial_peers, dht=dht, costs=costs,
+            allowed_nodes=allowed_nodes, route_wait=route_wait,
+        )
+        return cls(checkpoint, head, swarm)
+
+    def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
+        return InferenceSession(self.swarm, max_length=max_length, batch_size=batch_size)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        streamer: Streamer | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Like transformers' generate: returns [batch, prompt + new] token ids, finished rows padded."""
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        new: list[torch.Tensor] = []
+        for tokens in self.generate_stream(input_ids, attention_mask, max_new_tokens, **kwargs):
+            new.append(tokens)
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+        if streamer is not None:
+            streamer.end()
+        if not new:
+            return input_ids
+        return torch.cat([input_ids.cpu(), torch.stack(new, dim=1)], dim=1)
+
+    def generate_stream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        *,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, one step at a time ([batch] tensors)."""
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length>0], got shape {list(input_ids.shape)}")
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.int64)
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {list(mask.shape)} differs from input_ids {list(input_ids.shape)}")
+        if bool((mask[:, -1] == 0).any()):
+            raise ValueError("a row ends with padding: pad prompts on the left (tokenizer.padding_side = 'left')")
+        params = self._sampling_params(do_sample, temperature, top_k, top_p, seed)
+        eos = self._eos_ids(eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else self.generation_config.pad_token_id
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+        if max_new_tokens == 0:
+            return
+        batch, prompt_len = input_ids.shape
+        positions = position_ids_from_mask(mask)
+        hidden = self.head.embed(input_ids)
+        step_mask = mask
+        unfinished = torch.ones(batch, dtype=torch.bool)
+        eos_tensor = torch.tensor(eos, dtype=torch.long)
+        with self.inference_session(prompt_len + max_new_tokens, batch) as session:
+            self.last_route = session.route
+            self.last_timings = session.timings
+            for index in range(max_new_tokens):
+                out = session.step(hidden, positions, step_mask)
+                tokens = choose_next(self.head.logits(out), params, index).cpu()
+                if eos:
+                    tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
+                    unfinished &= ~torch.isin(tokens, eos_tensor)
+                self.last_route = session.route
+                yield tokens
+                if not bool(unfinished.any()) or index + 1 == max_new_tokens:
+                    break
+                positions = positions[:, -1:] + 1
+                step_mask = torch.ones((batch, 1), dtype=torch.int64)
+                hidden = self.head.embed(tokens[:, None])
+
+    def close(self) -> None:
+        self.swarm.close()
+
+    def __enter__(self) -> RemoteModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _sampling_params(
+        self, do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None, seed: int | None
+    ) -> SamplingParams:
+        gc = self.generation_config
+        return SamplingParams(
+            do_sample=bool(gc.do_sample) if do_sample is None else do_sample,
+            temperature=float(temperature if temperature is not None else (gc.temperature or 1.0)),
+            top_k=top_k if top_k is not None else (gc.top_k if gc.do_sample else None),
+            top_p=top_p if top_p is not None else (gc.top_p if gc.do_sample else None),
+            seed=seed,
+        ).with_seed()
+
+    def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
+        eos = eos_token_id if eos_token_id is not None else self.generation_config.eos_token_id
+        if eos is None:
+            return []
+        return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]

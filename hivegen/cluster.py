@@ -1,0 +1,204 @@
+"""A local multi-process cluster: a DHT bootstrap peer here, N `hivegen node serve` processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hivemind
+
+from hivegen.dht import fetch_spans, missing_blocks, start_dht, visible_maddrs
+from hivegen.errors import HivegenError
+from hivegen.model.checkpoint import ModelCheckpoint
+
+logger = logging.getLogger(__name__)
+PARENT_PID_ENV = "HIVEGEN_PARENT_PID"  # nodes started by a cluster exit when that process dies
+
+
+class ClusterError(HivegenError):
+    """A cluster node failed to start or the blocks never became reachable."""
+
+
+def split_blocks(num_blocks: int, nodes: int) -> list[tuple[int, int]]:
+    """Split [0, num_blocks) into `nodes` contiguous spans whose sizes differ by at most one."""
+    if not 1 <= nodes <= num_blocks:
+        raise ClusterError(f"cannot split {num_blocks} blocks over {nodes} nodes; use 1..{num_blocks} nodes")
+    base, extra = divmod(num_blocks, nodes)
+    spans, start = [], 0
+    for i in range(nodes):
+        end = start + base + (1 if i < extra else 0)
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+@dataclass
+class ClusterNode:
+    """One node process of the cluster."""
+
+    blocks: tuple[int, int]
+    process: subprocess.Popen[bytes]
+    ready_file: Path
+    log_file: Path
+    address: str = ""
+    node_id: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class LocalCluster:
+    """Starts, watches and stops a DHT bootstrap peer plus one process per span."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        nodes: int = 3,
+        spans: list[tuple[int, int]] | None = None,
+        host: str = "127.0.0.1",
+        dtype: str | None = None,
+        node_threads: int | None = None,
+        work_dir: str | Path | None = None,
+        node_args: list[str] | None = None,
+        startup_timeout: float = 300.0,
+    ) -> None:
+        self.model = Path(model)
+        checkpoint = ModelCheckpoint.open(self.model)
+        self.model_key = checkpoint.model_key
+        self.num_blocks = checkpoint.num_blocks
+        self.spans = spans if spans is not None else split_blocks(self.num_blocks, nodes)
+        self.host = host
+        self.dtype = dtype
+        self.node_threads = node_threads or max(1, (os.cpu_count() or 1) // len(self.spans))
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="hivegen-cluster-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.node_args = node_args or []
+        self.startup_timeout = startup_timeout
+        self.dht: hivemind.DHT | None = None
+        self.nodes: list[ClusterNode] = []
+        self.started_at = 0.0
+        self.ready_seconds = 0.0
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return visible_maddrs(self.dht) if self.dht is not None else []
+
+    def start(self) -> LocalCluster:
+        """Start every process and return once every block is announced; on failure stop them all."""
+        self.started_at = time.monotonic()
+        try:
+            self.dht = start_dht(host=self.host)
+            for start, end in self.spans:
+                self.nodes.append(self.spawn_node(start, end))
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_seconds = time.monotonic() - self.started_at
+        return self
+
+    def spawn_node(self, start: int, end: int, extra_args: list[str] | None = None) -> ClusterNode:
+        index = len(self.nodes)
+        ready = self.work_dir / f"node-{index}.ready.json"
+        log = self.work_dir / f"node-{index}.log"
+        ready.unlink(missing_ok=True)
+        cmd = [
+            sys.executable, "-m", "hivegen", "node", "serve", "--model", str(self.model), "--blocks", f"{start}:{end}",
+            "--host", self.host, "--ready-file", str(ready), "--num-threads", str(self.node_threads),
+            "--initial-peers", *self.initial_peers, *self.node_args, *(extra_args or []),
+        ]  # fmt: skip
+        if self.dtype:
+            cmd += ["--dtype", self.dtype]
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        with open(log, "wb") as log_fh:
+            process = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        return ClusterNode((start, end), process, ready, log)
+
+    def wait_ready(self, nodes: list[ClusterNode] | None = None) -> None:
+        """Wait until the nodes wrote their ready files and the DHT shows every block covered."""
+        deadline = time.monotonic() + self.startup_timeout
+        pending = list(nodes if nodes is not None else self.nodes)
+        while pending:
+            for node in list(pending):
+                if node.process.poll() is not None:
+                    raise ClusterError(
+                        f"node for blocks {node.blocks[0]}:{node.blocks[1]} exited with code "
+                        f"{node.process.returncode}; its log ({node.log_file}) ends with:\n{node.log_tail()}"
+                    )
+                if node.ready_file.exists():
+                    info = json.loads(node.ready_file.read_text())
+                    node.address, node.node_id = info["address"], info["node_id"]
+                    pending.remove(node)
+            self._check_deadline(deadline, pending)
+            time.sleep(0.2)
+        assert self.dht is not None
+        while missing := missing_blocks(fetch_spans(self.dht, self.model_key, self.num_blocks).values(), self.num_blocks):
+            self._check_deadline(deadline, [], missing)
+            time.sleep(0.2)
+
+    def _check_deadline(self, deadline: float, pending: list[ClusterNode], missing: list[int] | None = None) -> None:
+        if time.monotonic() < deadline:
+            return
+        what = f"nodes {[n.blocks for n in pending]} never became ready" if pending else f"blocks {missing} unannounced"
+        raise ClusterError(f"cluster not ready after {self.startup_timeout:.0f} s: {what}; see logs in {self.work_dir}")
+
+    def info(self) -> dict[str, Any]:
+        """The ready-file contents: how to join, and each node's pid, blocks and address."""
+        return {
+            "initial_peers": self.initial_peers,
+            "model_key": self.model_key,
+            "nodes": [
+                {"pid": n.pid, "blocks": list(n.blocks), "address": n.address, "node_id": n.node_id}
+                for n in self.nodes
+            ],
+        }
+
+    def stop_node(self, index: int, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        """Stop one node: SIGTERM lets it withdraw from the DHT; SIGKILL simulates a crash."""
+        node = self.nodes[index]
+        if node.process.poll() is None:
+            node.process.send_signal(sig)
+            try:
+                node.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait()
+
+    def stop(self) -> None:
+        """Stop every node (SIGTERM, then SIGKILL after a grace period) and the bootstrap peer."""
+        for node in self.nodes:
+            if node.process.poll() is None:
+                node.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15.0
+        for node in self.nodes:
+            try:
+                node.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("node pid %d ignored SIGTERM; killing it", node.pid)
+                node.process.kill()
+                node.process.wait()
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

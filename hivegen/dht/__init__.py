@@ -1,0 +1,20 @@
+"""DHT keys and record schemas; announce a node's span and look up who serves which blocks."""
+
+from hivegen.dht.announce import Announcer, announce_span, withdraw_span
+from hivegen.dht.lookup import fetch_spans, missing_blocks
+from hivegen.dht.records import SpanRecord, block_key
+from hivegen.dht.swarm import SwarmError, node_id, start_dht, visible_maddrs
+
+__all__ = [
+    "Announcer",
+    "SpanRecord",
+    "SwarmError",
+    "announce_span",
+    "block_key",
+    "fetch_spans",
+    "missing_blocks",
+    "node_id",
+    "start_dht",
+    "visible_maddrs",
+    "withdraw_span",
+]

@@ -1,0 +1,106 @@
+"""DHT keys and the typed record a node announces for its span of blocks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+STATES = ("online", "offline")
+
+
+def block_key(model_key: str, block: int) -> str:
+    """The DHT key under which every node serving `block` of `model_key` announces itself."""
+    return f"{model_key}.block.{block}"
+
+
+@dataclass(frozen=True)
+class SpanRecord:
+    """What one node serves and how fast; stored under every block key of its span, subkey = node_id."""
+
+    node_id: str  # the node's hivemind peer id (base58); the DHT subkey, so not part of to_dict()
+    address: str  # gRPC endpoint clients connect to, "host:port"
+    start: int  # first block served (inclusive)
+    end: int  # block after the last one served (exclusive); start < end
+    throughput: float  # decode steps per second over the whole span at batch 1; > 0
+    cache_tokens_free: int  # KV-cache tokens the node can still give to new sessions; >= 0
+    dtype: str  # dtype the blocks run in and tensors travel as, e.g. "float32"
+    version: str  # hivegen version of the node, so clients can skip incompatible ones
+    state: str = "online"  # "online" while serving; "offline" once withdrawn
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ValueError("span record has an empty node_id")
+        _check_address(self.address)
+        if self.start < 0:
+            raise ValueError(f"span record has negative start {self.start}")
+        if self.start >= self.end:
+            raise ValueError(f"span record has start {self.start} >= end {self.end}")
+        if not (math.isfinite(self.throughput) and self.throughput > 0):
+            raise ValueError(f"span record has throughput {self.throughput}; it must be a positive number")
+        if self.cache_tokens_free < 0:
+            raise ValueError(f"span record has negative cache_tokens_free {self.cache_tokens_free}")
+        if not self.dtype:
+            raise ValueError("span record has an empty dtype")
+        if self.state not in STATES:
+            raise ValueError(f"span record has unknown state {self.state!r}; expected one of {STATES}")
+
+    @property
+    def online(self) -> bool:
+        """True while the node serves its span."""
+        return self.state == "online"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The msgpack-friendly DHT value (node_id travels as the subkey)."""
+        return {
+            "address": self.address,
+            "start": self.start,
+            "end": self.end,
+            "throughput": float(self.throughput),
+            "cache_tokens_free": self.cache_tokens_free,
+            "dtype": self.dtype,
+            "version": self.version,
+            "state": self.state,
+        }
+
+    @classmethod
+    def from_dict(cls, node_id: str, data: object) -> SpanRecord:
+        """Parse a DHT value; raise ValueError naming what is wrong. Unknown extra fields are ignored."""
+        if not isinstance(node_id, str):
+            raise ValueError(f"span record node_id must be a string, got {type(node_id).__name__}")
+        if not isinstance(data, dict):
+            raise ValueError(f"span record must be a dict, got {type(data).__name__}")
+        return cls(
+            node_id=node_id,
+            address=_field(data, "address", str),
+            start=_field(data, "start", int),
+            end=_field(data, "end", int),
+            throughput=float(_field(data, "throughput", float)),
+            cache_tokens_free=_field(data, "cache_tokens_free", int),
+            dtype=_field(data, "dtype", str),
+            version=_field(data, "version", str),
+            state=_field(data, "state", str, default="online"),
+        )
+
+
+_MISSING = object()
+
+
+def _field(data: dict[Any, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
+    """Read one field, checking its type (an int is accepted for a float; a bool never counts as a number)."""
+    if name not in data:
+        if default is _MISSING:
+            raise ValueError(f"span record is missing field {name!r}")
+        return default
+    value = data[name]
+    accepted: tuple[type, ...] = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise ValueError(f"span record field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _check_address(address: str) -> None:
+    """Reject anything that is not "host:port" with a port in 1..65535."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"span record address {address!r} is not host:port")

@@ -1,0 +1,150 @@
+"""A node: loads a span of blocks, serves it over gRPC, announces it in the DHT while it lives."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import hivemind
+import torch
+
+from hivegen import __version__
+from hivegen.dht import Announcer, SpanRecord, node_id, start_dht, visible_maddrs
+from hivegen.model.checkpoint import ModelCheckpoint
+from hivegen.model.span import BlockSpan
+from hivegen.node.servicer import NodeServicer
+from hivegen.node.sessions import SessionManager
+from hivegen.proto import node_pb2_grpc
+from hivegen.proto.options import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from hivegen.proto.tensors import DTYPE_NAMES, dtype_from_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeConfig:
+    """Everything `hivegen node serve` takes."""
+
+    model: Path  # Hugging Face checkpoint directory (safetensors)
+    start: int  # first block served
+    end: int  # one past the last block served
+    initial_peers: list[str] = field(default_factory=list)  # DHT multiaddrs to join; empty starts a new swarm
+    host: str = "127.0.0.1"  # address the gRPC server binds and announces
+    port: int = 0  # gRPC port; 0 picks a free one
+    dht_port: int = 0  # DHT port; 0 picks a free one
+    device: str = "cpu"  # torch device of the blocks
+    dtype: str | None = None  # float32 / bfloat16 / float16; default: the checkpoint's own dtype
+    cache_tokens: int = 65536  # KV-cache budget in tokens, summed over sessions (batch x max_length)
+    announce_ttl: float = 30.0  # seconds a DHT record lives unless refreshed
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest gRPC message accepted or sent
+    max_workers: int = 64  # concurrent streams (each open session holds one)
+    ready_file: Path | None = None  # written as JSON once the node serves and is announced
+
+
+class NodeServer:
+    """Owns the DHT peer, the loaded span, the gRPC server and the announcer of one node."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.dht: hivemind.DHT | None = None
+        self.server: grpc.Server | None = None
+        self.announcer: Announcer | None = None
+        self.address = ""
+        self.throughput = 0.0
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        cfg = self.config
+        checkpoint = ModelCheckpoint.open(cfg.model)
+        # The DHT forks a process: start it before any gRPC object exists.
+        self.dht = start_dht(cfg.initial_peers or None, host=cfg.host, port=cfg.dht_port)
+        dtype = dtype_from_name(cfg.dtype) if cfg.dtype else checkpoint.default_dtype(cfg.device)
+        logger.info("loading blocks %d:%d of %s as %s", cfg.start, cfg.end, cfg.model, DTYPE_NAMES[dtype])
+        span = BlockSpan(checkpoint, cfg.start, cfg.end, dtype=dtype, device=cfg.device)
+        self.model_key = checkpoint.model_key
+        self.sessions = SessionManager(span, self.model_key, cfg.cache_tokens)
+        self.throughput = measure_throughput(span)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="hivegen-rpc"),
+            options=grpc_options(cfg.max_message_bytes),
+        )
+        servicer = NodeServicer(self.sessions, node_id(self.dht), checkpoint.name, checkpoint.num_blocks)
+        node_pb2_grpc.add_NodeServicer_to_server(servicer, self.server)
+        port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if port == 0:
+            raise OSError(f"cannot bind gRPC on {cfg.host}:{cfg.port}; is the port taken?")
+        self.server.start()
+        self.address = f"{cfg.host}:{port}"
+        self.announcer = Announcer(self.dht, self.model_key, self.record, ttl=cfg.announce_ttl)
+        self.announcer.start()
+        if cfg.ready_file is not None:
+            self._write_ready_file(cfg.ready_file)
+        logger.info(
+            "serving blocks %d:%d of %s at %s (%.1f steps/s)", cfg.start, cfg.end, self.model_key, self.address,
+            self.throughput,
+        )
+
+    def record(self) -> SpanRecord:
+        assert self.dht is not None
+        return SpanRecord(
+            node_id=node_id(self.dht),
+            address=self.address,
+            start=self.config.start,
+            end=self.config.end,
+            throughput=self.throughput,
+            cache_tokens_free=self.sessions.cache_tokens_free,
+            dtype=DTYPE_NAMES[self.sessions.span.dtype],
+            version=__version__,
+        )
+
+    def join_addresses(self) -> list[str]:
+        return visible_maddrs(self.dht) if self.dht is not None else []
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    def stop(self) -> None:
+        """Withdraw from the DHT, finish in-flight steps briefly, shut everything down. Idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.announcer is not None:
+            self.announcer.stop(withdraw=True)
+        if self.server is not None:
+            self.server.stop(grace=2.0).wait(5.0)
+        if self.dht is not None:
+            self.dht.shutdown()
+
+    def _write_ready_file(self, path: Path) -> None:
+        data = {
+            "pid": os.getpid(),
+            "node_id": node_id(self.dht) if self.dht else "",
+            "address": self.address,
+            "blocks": [self.config.start, self.config.end],
+            "model_key": self.model_key,
+            "initial_peers": self.join_addresses(),
+        }
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+
+
+def measure_throughput(span: BlockSpan, steps: int = 3) -> float:
+    """Decode steps per second of the whole span at batch 1, measured on a short dummy session."""
+    cache = span.new_cache()
+    prompt = 8
+    hidden = torch.zeros((1, prompt, span.hidden_size), dtype=span.dtype)
+    mask = torch.ones((1, prompt), dtype=torch.int64)
+    span.forward(hidden, torch.arange(prompt)[None], mask, cache)
+    began = time.perf_counter()
+    for i in range(steps):
+        mask = torch.ones((1, prompt + i + 1), dtype=torch.int64)
+        span.forward(hidden[:, :1], torch.tensor([[prompt + i]]), mask, cache)
+    return steps / max(time.perf_counter() - began, 1e-6)

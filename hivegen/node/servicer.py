@@ -1,0 +1,93 @@
+"""The gRPC face of a node: one Inference stream per session, plus Info for status and counters."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import grpc
+
+from hivegen import __version__
+from hivegen.node.sessions import RequestError, Session, SessionManager
+from hivegen.proto import node_pb2, node_pb2_grpc
+from hivegen.proto.tensors import DTYPE_NAMES, serialize
+
+logger = logging.getLogger(__name__)
+
+
+class NodeServicer(node_pb2_grpc.NodeServicer):
+    def __init__(self, sessions: SessionManager, node_id: str, model_name: str, num_blocks: int) -> None:
+        self.sessions = sessions
+        self.node_id = node_id
+        self.model_name = model_name
+        self.num_blocks = num_blocks
+
+    def Inference(  # noqa: N802 - gRPC's method name
+        self, request_iterator: Iterator[node_pb2.InferenceRequest], context: grpc.ServicerContext
+    ) -> Iterator[node_pb2.InferenceResponse]:
+        session: Session | None = None
+        try:
+            for request in request_iterator:
+                kind = request.WhichOneof("kind")
+                if kind == "open":
+                    if session is not None:
+                        raise RequestError(
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            f"this stream already serves session {session.session_id}; open one stream per session",
+                        )
+                    session = self.sessions.open(request.open)
+                    logger.debug("opened session %s for blocks %d:%d", session.session_id, session.start, session.end)
+                    yield node_pb2.InferenceResponse(
+                        opened=node_pb2.SessionOpened(
+                            session_id=session.session_id,
+                            start_block=session.start,
+                            end_block=session.end,
+                            dtype=DTYPE_NAMES[self.sessions.span.dtype],
+                        )
+                    )
+                elif kind == "step":
+                    if session is None:
+                        raise RequestError(
+                            grpc.StatusCode.NOT_FOUND,
+                            f"unknown session {request.step.session_id or '(empty)'}: send `open` first on this stream",
+                        )
+                    hidden, seconds = self.sessions.step(session, request.step)
+                    yield node_pb2.InferenceResponse(
+                        result=node_pb2.StepResult(
+                            session_id=session.session_id,
+                            step_id=request.step.step_id,
+                            hidden_states=serialize(hidden),
+                            compute_seconds=seconds,
+                        )
+                    )
+                else:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty InferenceRequest: set `open` or `step`")
+        except RequestError as exc:
+            self.sessions.count_error()
+            logger.info("refused a request: %s %s", exc.code.name, exc.message)
+            context.abort(exc.code, exc.message)
+        finally:
+            if session is not None:
+                self.sessions.close(session.session_id)
+
+    def Info(self, request: node_pb2.InfoRequest, context: grpc.ServicerContext) -> node_pb2.NodeInfo:  # noqa: N802
+        span = self.sessions.span
+        c = self.sessions.counters
+        return node_pb2.NodeInfo(
+            node_id=self.node_id,
+            model_key=self.sessions.model_key,
+            model_name=self.model_name,
+            start_block=span.start,
+            end_block=span.end,
+            num_blocks=self.num_blocks,
+            dtype=DTYPE_NAMES[span.dtype],
+            hidden_size=span.hidden_size,
+            cache_tokens_total=self.sessions.cache_tokens_total,
+            cache_tokens_free=self.sessions.cache_tokens_free,
+            active_sessions=self.sessions.active_sessions,
+            counters=node_pb2.NodeCounters(
+                sessions_opened=c.sessions_opened, steps=c.steps, tokens_processed=c.tokens_processed, errors=c.errors
+            ),
+            num_parameters=span.num_parameters,
+            version=__version__,
+        )

@@ -1,0 +1,208 @@
+"""Inference sessions on a node: admission against a KV-cache budget, input validation, the step itself."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from transformers import DynamicCache
+
+from hivegen.model.span import BlockSpan
+from hivegen.proto import node_pb2
+from hivegen.proto.tensors import DTYPE_NAMES, TensorDecodeError, deserialize
+
+MAX_BATCH_SIZE = 64
+MASK_DTYPES = (torch.int64, torch.int32, torch.bool)
+
+
+class RequestError(Exception):
+    """A request the node refuses: carries the gRPC status to end the stream with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Counters:
+    """Totals since the node started (served over the wire in NodeInfo)."""
+
+    sessions_opened: int = 0
+    steps: int = 0
+    tokens_processed: int = 0
+    errors: int = 0
+
+
+@dataclass
+class Session:
+    """One client's use of a sub-span of this node, with its own KV cache."""
+
+    session_id: str
+    start: int
+    end: int
+    max_length: int
+    batch_size: int
+    cache: DynamicCache
+    mask: torch.Tensor  # [batch, length] padding mask of every position seen so far
+    next_step: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.batch_size * self.max_length
+
+
+class SessionManager:
+    """Opens and closes sessions within the node's cache budget and runs their steps, one at a time."""
+
+    def __init__(self, span: BlockSpan, model_key: str, cache_tokens: int) -> None:
+        self.span = span
+        self.model_key = model_key
+        self.cache_tokens_total = cache_tokens
+        self.counters = Counters()
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()  # guards _sessions and counters
+        self._compute = threading.Lock()  # one forward at a time: the span's device is shared
+        self.max_positions = int(getattr(span.config, "max_position_embeddings", 1 << 20))
+
+    @property
+    def cache_tokens_free(self) -> int:
+        with self._lock:
+            return self.cache_tokens_total - sum(s.reserved_tokens for s in self._sessions.values())
+
+    @property
+    def active_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def open(self, req: node_pb2.OpenSession) -> Session:
+        if not req.session_id:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "open: session_id is empty")
+        if req.model_key != self.model_key:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this node serves model {self.model_key}, not {req.model_key or '(empty)'}",
+            )
+        if not self.span.start <= req.start_block < req.end_block <= self.span.end:
+            raise RequestError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"blocks {req.start_block}:{req.end_block} are not inside this node's span "
+                f"{self.span.start}:{self.span.end}",
+            )
+        if not 1 <= req.batch_size <= MAX_BATCH_SIZE:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"batch_size must be in 1..{MAX_BATCH_SIZE}")
+        if not 1 <= req.max_length <= self.max_positions:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"max_length must be in 1..{self.max_positions} (the model's limit)"
+            )
+        needed = req.batch_size * req.max_length
+        with self._lock:
+            if req.session_id in self._sessions:
+                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {req.session_id} is already open")
+            free = self.cache_tokens_total - sum(s.reserved_tokens for s in self._sessions.values())
+            if needed > free:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"node is full: the session needs {needed} cache tokens (batch x max_length), {free} are free; "
+                    "retry later or use another node",
+                )
+            session = Session(
+                session_id=req.session_id,
+                start=req.start_block,
+                end=req.end_block,
+                max_length=req.max_length,
+                batch_size=req.batch_size,
+                cache=self.span.new_cache(),
+                mask=torch.zeros((req.batch_size, 0), dtype=torch.int64),
+            )
+            self._sessions[req.session_id] = session
+            self.counters.sessions_opened += 1
+        return session
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def count_error(self) -> None:
+        with self._lock:
+            self.counters.errors += 1
+
+    def step(self, session: Session, req: node_pb2.Step) -> tuple[torch.Tensor, float]:
+        """Validate one step's inputs, run the session's blocks on them, return (hidden, seconds)."""
+        if req.session_id != session.session_id:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown session {req.session_id or '(empty)'}: this stream serves session {session.session_id}",
+            )
+        if req.step_id != session.next_step:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"expected step {session.next_step}, got step {req.step_id}"
+            )
+        hidden, positions, mask = self._decode_inputs(session, req)
+        new = hidden.shape[1]
+        if session.length + new > session.max_length:
+            raise RequestError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"positions {session.length}..{session.length + new - 1} exceed the session's "
+                f"max_length {session.max_length}; open a session with a larger max_length",
+            )
+        if int(positions.min()) < 0 or int(positions.max()) >= session.max_length:
+            raise RequestError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"position_ids must lie in 0..{session.max_length - 1} (the session's max_length)",
+            )
+        full_mask = torch.cat([session.mask, mask.to(torch.int64)], dim=1)
+        with self._compute:
+            began = time.perf_counter()
+            out = self.span.forward(hidden, positions, full_mask, session.cache, session.start, session.end)
+            seconds = time.perf_counter() - began
+        session.mask = full_mask
+        session.next_step += 1
+        with self._lock:
+            self.counters.steps += 1
+            self.counters.tokens_processed += new * session.batch_size
+        return out, seconds
+
+    def _decode_inputs(self, session: Session, req: node_pb2.Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        try:
+            hidden = deserialize(req.hidden_states)
+            positions = deserialize(req.position_ids)
+            mask = deserialize(req.attention_mask)
+        except TensorDecodeError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        expected_dtype = DTYPE_NAMES[self.span.dtype]
+        if hidden.dtype != self.span.dtype:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"hidden_states dtype is {req.hidden_states.dtype}; this node runs {expected_dtype}",
+            )
+        batch = session.batch_size
+        if hidden.ndim != 3 or hidden.shape[0] != batch or hidden.shape[1] < 1 or hidden.shape[2] != self.span.hidden_size:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"hidden_states shape {list(hidden.shape)} is wrong: expected [{batch}, new_tokens>=1, "
+                f"{self.span.hidden_size}] (batch_size, new tokens, hidden size)",
+            )
+        new = hidden.shape[1]
+        if positions.dtype != torch.int64 or list(positions.shape) != [batch, new]:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"position_ids must be int64 of shape [{batch}, {new}], got {req.position_ids.dtype} {list(positions.shape)}",
+            )
+        if mask.dtype not in MASK_DTYPES or list(mask.shape) != [batch, new]:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"attention_mask must be int64/bool of shape [{batch}, {new}], got {req.attention_mask.dtype} "
+                f"{list(mask.shape)}",
+            )
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "attention_mask values must be 0 or 1")
+        return hidden, positions, mask
