@@ -18,6 +18,7 @@ from hivegen.model.demo import (
     DEMO_MODELS,
     MARKER_FILE,
     DemoModel,
+    _replace_dir,
     hivegen_home,
     is_prepared,
     models_dir,
@@ -163,3 +164,16 @@ def test_hivegen_home_defaults_to_dot_hivegen(monkeypatch: pytest.MonkeyPatch) -
 def test_hivegen_home_follows_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIVEGEN_HOME", str(tmp_path))
     assert models_dir() == tmp_path / "models"
+
+
+def test_finished_conversion_replaces_a_leftover_target_whole(tmp_path: Path) -> None:
+    # prepare_model's last step, without converting again: the new tree takes the old one's place.
+    target = tmp_path / "smollm2-135m-instruct"
+    target.mkdir()
+    (target / "stale.bin").write_text("half-written")
+    new = tmp_path / ".smollm2-135m-instruct.partial-x"
+    new.mkdir()
+    (new / MARKER_FILE).write_text("{}")
+    _replace_dir(new, target)
+    assert sorted(p.name for p in target.iterdir()) == [MARKER_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]

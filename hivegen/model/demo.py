@@ -17,9 +17,9 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +134,7 @@ def prepare_model(name: str, force: bool = False, progress: bool = True) -> Path
             return target
         _remove_leftovers(target)
         say(f"preparing {model.name} from {gguf_path} (this takes about a minute)")
-        work = Path(tempfile.mkdtemp(prefix=f".{model.dir_name}.partial-", dir=target.parent))
+        work = _fresh_dir(target.parent / f".{model.dir_name}.partial-")
         try:
             _convert(model, gguf_path, work, say, progress)
             _replace_dir(work, target)
@@ -255,12 +255,23 @@ def _sha256(path: Path, progress: bool) -> str:
 def _replace_dir(new: Path, target: Path) -> None:
     """Move `new` to `target`; an old `target` is renamed aside first, then deleted."""
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = _fresh_dir(target.parent / f".{target.name}.old-")
         os.replace(target, old / target.name)
         os.replace(new, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)
+
+
+def _fresh_dir(prefix: Path) -> Path:
+    """Create a new directory named `prefix` + a random suffix (mode from the umask, unlike mkdtemp's 0700)."""
+    while True:
+        path = prefix.with_name(prefix.name + secrets.token_hex(4))
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _remove_leftovers(target: Path) -> None:

@@ -32,7 +32,7 @@ class ClientHead:
         if all(checkpoint.has_tensor(k) for k in lm_head_keys.values()):
             self.skeleton.materialize(self.lm_head, dtype, self.device)
         else:  # tied embeddings: the checkpoint stores one matrix for both
-            self.lm_head.weight = self.embeddings.weight
+            self.skeleton.tie(self.lm_head, self.embeddings)
         self.embeddings.to(self.device)  # buffers such as Gemma's embed_scale
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
 

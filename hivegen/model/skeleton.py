@@ -8,6 +8,7 @@ so hivegen never carries per-model copies of transformers' code.
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,9 @@ FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 SUPPORTED_LAYER_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
 DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
+# accelerate's init_empty_weights patches nn.Module.register_parameter for the whole process:
+# while one thread builds a skeleton, another thread's assigned weights would land on meta.
+_BUILD_LOCK = threading.RLock()
 
 
 @dataclass
@@ -41,7 +45,7 @@ class ModelSkeleton:
         # Bare layers use eager attention without a causal mask unless this is set explicitly.
         config._attn_implementation = attn_implementation
         try:
-            with init_empty_weights(include_buffers=False):
+            with _BUILD_LOCK, init_empty_weights(include_buffers=False):
                 causal_lm = AutoModelForCausalLM.from_config(config)
         except (ValueError, KeyError) as exc:
             raise UnsupportedModelError(
@@ -70,9 +74,15 @@ class ModelSkeleton:
         names = self.param_names(module)
         tensors = self.checkpoint.load_tensors(list(names.values()), dtype=dtype)
         state = {local: tensors[key].to(device) for local, key in names.items()}
-        module.load_state_dict(state, strict=False, assign=True)
+        with _BUILD_LOCK:
+            module.load_state_dict(state, strict=False, assign=True)
         _check_materialized(module, self.module_names[id(module)])
         module.to(device)
+
+    def tie(self, module: nn.Module, source: nn.Module) -> None:
+        """Share `source`'s weight with `module` (tied input and output embeddings)."""
+        with _BUILD_LOCK:
+            module.weight = source.weight
 
     def rotary_embeddings(
         self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random checkpoints and real local clusters (DHT + node processes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from hivegen.cluster import LocalCluster
+from hivegen.model.tiny import make_tiny_checkpoint
+
+torch.set_num_threads(1)
+
+TinyFactory = Callable[..., Path]
+ClusterFactory = Callable[..., LocalCluster]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyFactory:
+    """tiny_model(arch, num_layers=6, seed=0) -> checkpoint dir, built once per session."""
+    built: dict[tuple[str, int, int], Path] = {}
+
+    def make(arch: str, num_layers: int = 6, seed: int = 0) -> Path:
+        key = (arch, num_layers, seed)
+        if key not in built:
+            built[key] = make_tiny_checkpoint(arch, tmp_path_factory.mktemp(f"{arch}-{num_layers}-{seed}"), num_layers, seed)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def start_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFactory]:
+    """start_cluster(model, spans=[(0, 3), (3, 6)], ...) -> a started LocalCluster, stopped after the module."""
+    clusters: list[LocalCluster] = []
+
+    def start(model: Path, spans: list[tuple[int, int]] | None = None, **kwargs: object) -> LocalCluster:
+        cluster = LocalCluster(
+            model, spans=spans, node_threads=1, work_dir=tmp_path_factory.mktemp("cluster"), **kwargs  # type: ignore[arg-type]
+        )
+        clusters.append(cluster)
+        return cluster.start()
+
+    try:
+        yield start
+    finally:
+        for cluster in clusters:
+            cluster.stop()

@@ -1,0 +1,392 @@
+"""A node refuses malformed or impossible requests with a precise gRPC status, and keeps serving everyone else.
+
+All tests talk raw gRPC to one real node process serving every block of a tiny Llama.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from hivegen.cluster import LocalCluster
+from hivegen.proto import node_pb2, node_pb2_grpc
+from hivegen.proto.options import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from hivegen.proto.tensors import serialize
+
+CACHE_TOKENS = 1024  # small enough that a legal session (batch <= 64, max_length <= 256) can overfill it
+RPC_TIMEOUT = 60.0  # a deadline on every call, so a node that never answers fails the test instead of hanging it
+
+Request = node_pb2.InferenceRequest
+TinyFactory = Callable[..., Path]  # the conftest fixtures' types
+ClusterFactory = Callable[..., LocalCluster]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model: TinyFactory, start_cluster: ClusterFactory) -> LocalCluster:
+    return start_cluster(tiny_model("llama"), spans=[(0, 6)], node_args=["--cache-tokens", str(CACHE_TOKENS)])
+
+
+@pytest.fixture(scope="module")
+def channel(cluster: LocalCluster) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(cluster.nodes[0].address, options=grpc_options()) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> node_pb2_grpc.NodeStub:
+    return node_pb2_grpc.NodeStub(channel)
+
+
+@pytest.fixture(scope="module")
+def hidden_size(stub: node_pb2_grpc.NodeStub) -> int:
+    return info(stub).hidden_size
+
+
+# --- helpers -------------------------------------------------------------------------------------------------------
+
+
+def info(stub: node_pb2_grpc.NodeStub) -> node_pb2.NodeInfo:
+    return stub.Info(node_pb2.InfoRequest(), timeout=RPC_TIMEOUT)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def open_request(
+    model_key: str, session_id: str, max_length: int = 16, batch_size: int = 1, start: int = 0, end: int = 6
+) -> Request:
+    return Request(
+        open=node_pb2.OpenSession(
+            session_id=session_id,
+            model_key=model_key,
+            start_block=start,
+            end_block=end,
+            max_length=max_length,
+            batch_size=batch_size,
+        )
+    )
+
+
+def step_request(
+    session_id: str,
+    step_id: int,
+    hidden_size: int,
+    new: int = 1,
+    past: int = 0,
+    batch: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> Request:
+    """A valid step of `new` positions after `past` ones; tests then break one field of it."""
+    hidden = torch.randn(batch, new, hidden_size, generator=torch.Generator().manual_seed(step_id)).to(dtype)
+    return Request(
+        step=node_pb2.Step(
+            session_id=session_id,
+            step_id=step_id,
+            hidden_states=serialize(hidden),
+            position_ids=serialize(torch.arange(past, past + new).expand(batch, new).contiguous()),
+            attention_mask=serialize(torch.ones(batch, new, dtype=torch.int64)),
+        )
+    )
+
+
+def exchange(
+    stub: node_pb2_grpc.NodeStub, requests: list[Request]
+) -> tuple[list[node_pb2.InferenceResponse], grpc.RpcError | None]:
+    """Send every request on one stream, then half-close it; return the answers and the error that ended it."""
+    responses: list[node_pb2.InferenceResponse] = []
+    try:
+        for response in stub.Inference(iter(requests), timeout=RPC_TIMEOUT):
+            responses.append(response)
+    except grpc.RpcError as exc:
+        return responses, exc
+    return responses, None
+
+
+def refusal(stub: node_pb2_grpc.NodeStub, requests: list[Request]) -> grpc.RpcError:
+    """The error status that ends a stream of `requests`; fails if the node accepted them all."""
+    responses, error = exchange(stub, requests)
+    assert error is not None, f"the node accepted every request: {responses}"
+    return error
+
+
+class Stream:
+    """An Inference stream driven one request at a time, so that streams can be interleaved."""
+
+    def __init__(self, stub: node_pb2_grpc.NodeStub) -> None:
+        self._requests: queue.Queue[Request | None] = queue.Queue()
+        self._call = stub.Inference(iter(self._requests.get, None), timeout=RPC_TIMEOUT)
+
+    def send(self, request: Request) -> node_pb2.InferenceResponse:
+        self._requests.put(request)
+        return next(self._call)
+
+    def end(self) -> None:
+        """Half-close the stream and wait until the node ends it too."""
+        self._requests.put(None)
+        for _ in self._call:
+            pass
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._requests.put(None)
+        self._call.cancel()
+
+
+def wait_for_free_cache(stub: node_pb2_grpc.NodeStub, deadline_s: float = 10.0) -> node_pb2.NodeInfo:
+    """Sessions close after their stream ends, asynchronously: poll until every cache token is free again."""
+    deadline = time.monotonic() + deadline_s
+    while (current := info(stub)).cache_tokens_free != current.cache_tokens_total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return current
+
+
+# --- a valid session ------------------------------------------------------------------------------------------------
+
+
+def test_a_session_opens_and_runs_prefill_then_decode(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    sid = new_id()
+    responses, error = exchange(
+        stub,
+        [
+            open_request(cluster.model_key, sid),
+            step_request(sid, 0, hidden_size, new=5),
+            step_request(sid, 1, hidden_size, new=1, past=5),
+        ],
+    )
+    assert error is None
+    opened, prefill, decode = responses
+    assert opened.opened.session_id == sid
+    assert (opened.opened.start_block, opened.opened.end_block) == (0, 6)
+    assert opened.opened.dtype == "float32"
+    for result, step_id, new in [(prefill.result, 0, 5), (decode.result, 1, 1)]:
+        assert result.session_id == sid
+        assert result.step_id == step_id
+        assert result.hidden_states.dtype == "float32"
+        assert list(result.hidden_states.shape) == [1, new, hidden_size]
+
+
+def test_counters_grow_with_sessions_steps_and_tokens(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    before = info(stub).counters
+    sid = new_id()
+    batch = 2
+    _, error = exchange(
+        stub,
+        [
+            open_request(cluster.model_key, sid, batch_size=batch),
+            step_request(sid, 0, hidden_size, new=5, batch=batch),
+            step_request(sid, 1, hidden_size, new=1, past=5, batch=batch),
+        ],
+    )
+    assert error is None
+    after = info(stub).counters
+    assert after.sessions_opened == before.sessions_opened + 1
+    assert after.steps == before.steps + 2
+    assert after.tokens_processed == before.tokens_processed + (5 + 1) * batch
+    assert after.errors == before.errors
+
+
+# --- refused steps --------------------------------------------------------------------------------------------------
+
+
+def test_a_step_for_another_session_is_not_found(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    sid, other = new_id(), new_id()
+    error = refusal(stub, [open_request(cluster.model_key, sid), step_request(other, 0, hidden_size)])
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert f"unknown session {other}" in error.details()
+
+
+def test_a_step_before_open_is_not_found(stub: node_pb2_grpc.NodeStub, hidden_size: int) -> None:
+    sid = new_id()
+    error = refusal(stub, [step_request(sid, 0, hidden_size)])
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "send `open` first" in error.details()
+
+
+def test_hidden_states_of_the_wrong_width_are_invalid(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    sid = new_id()
+    error = refusal(stub, [open_request(cluster.model_key, sid), step_request(sid, 0, hidden_size - 1)])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"expected [1, new_tokens>=1, {hidden_size}]" in error.details()
+
+
+def test_hidden_states_in_another_dtype_are_invalid(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    sid = new_id()
+    step = step_request(sid, 0, hidden_size, dtype=torch.float16)
+    error = refusal(stub, [open_request(cluster.model_key, sid), step])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "this node runs float32" in error.details()
+
+
+def test_positions_past_max_length_are_out_of_range(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    sid = new_id()
+    error = refusal(
+        stub, [open_request(cluster.model_key, sid, max_length=4), step_request(sid, 0, hidden_size, new=5)]
+    )
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "max_length 4" in error.details()
+
+
+def test_tensor_bytes_one_float_short_are_invalid(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    sid = new_id()
+    step = step_request(sid, 0, hidden_size, new=2)
+    step.step.hidden_states.data = step.step.hidden_states.data[:-4]
+    error = refusal(stub, [open_request(cluster.model_key, sid), step])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"got {(2 * hidden_size - 1) * 4} bytes" in error.details()
+
+
+def test_tensor_bytes_beyond_the_shape_are_invalid(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    sid = new_id()
+    step = step_request(sid, 0, hidden_size, new=2)
+    step.step.hidden_states.data += b"\0" * 8
+    error = refusal(stub, [open_request(cluster.model_key, sid), step])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"got {(2 * hidden_size + 2) * 4} bytes" in error.details()
+
+
+def test_steps_out_of_order_are_a_failed_precondition(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    sid = new_id()
+    error = refusal(stub, [open_request(cluster.model_key, sid), step_request(sid, 1, hidden_size)])
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "expected step 0, got step 1" in error.details()
+
+
+def test_a_message_over_the_size_limit_is_resource_exhausted(cluster: LocalCluster) -> None:
+    """The node itself refuses it: this client may send twice the node's limit."""
+    sid = new_id()
+    too_big = DEFAULT_MAX_MESSAGE_BYTES + (1 << 20)
+    step = Request(
+        step=node_pb2.Step(
+            session_id=sid,
+            hidden_states=node_pb2.Tensor(data=bytes(too_big), dtype="float32", shape=[1, too_big // 4]),
+        )
+    )
+    options = grpc_options(2 * DEFAULT_MAX_MESSAGE_BYTES)
+    with grpc.insecure_channel(cluster.nodes[0].address, options=options) as big_channel:
+        error = refusal(node_pb2_grpc.NodeStub(big_channel), [open_request(cluster.model_key, sid), step])
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "SERVER: Received message larger than max" in error.details()
+
+
+# --- refused opens --------------------------------------------------------------------------------------------------
+
+
+def test_another_model_key_is_a_failed_precondition(stub: node_pb2_grpc.NodeStub, cluster: LocalCluster) -> None:
+    error = refusal(stub, [open_request("someone/else-model", new_id())])
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"this node serves model {cluster.model_key}, not someone/else-model" in error.details()
+
+
+def test_blocks_outside_the_nodes_span_are_out_of_range(stub: node_pb2_grpc.NodeStub, cluster: LocalCluster) -> None:
+    error = refusal(stub, [open_request(cluster.model_key, new_id(), start=2, end=7)])
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "blocks 2:7 are not inside this node's span 0:6" in error.details()
+
+
+def test_batch_size_zero_is_invalid(stub: node_pb2_grpc.NodeStub, cluster: LocalCluster) -> None:
+    error = refusal(stub, [open_request(cluster.model_key, new_id(), batch_size=0)])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "batch_size must be in 1.." in error.details()
+
+
+def test_a_session_id_already_open_is_refused(stub: node_pb2_grpc.NodeStub, cluster: LocalCluster) -> None:
+    sid = new_id()
+    with Stream(stub) as first:
+        assert first.send(open_request(cluster.model_key, sid)).opened.session_id == sid
+        error = refusal(stub, [open_request(cluster.model_key, sid)])
+        first.end()
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert f"session {sid} is already open" in error.details()
+
+
+def test_a_session_larger_than_the_cache_is_refused_as_full(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster
+) -> None:
+    total = info(stub).cache_tokens_total
+    assert total == CACHE_TOKENS
+    max_length = 256  # the tiny model's max_position_embeddings
+    batch = total // max_length + 1
+    error = refusal(stub, [open_request(cluster.model_key, new_id(), max_length=max_length, batch_size=batch)])
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "node is full" in error.details()
+
+
+# --- the node after refusals ----------------------------------------------------------------------------------------
+
+
+def test_a_refusal_leaves_other_sessions_serving(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    errors_before = info(stub).counters.errors
+    sid, bad = new_id(), new_id()
+    with Stream(stub) as healthy:
+        healthy.send(open_request(cluster.model_key, sid))
+        prefill = healthy.send(step_request(sid, 0, hidden_size, new=3)).result
+        assert list(prefill.hidden_states.shape) == [1, 3, hidden_size]
+        error = refusal(stub, [open_request(cluster.model_key, bad), step_request(bad, 0, hidden_size - 1)])
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "hidden_states shape" in error.details()
+        error = refusal(stub, [open_request("someone/else-model", new_id())])
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "this node serves model" in error.details()
+        result = healthy.send(step_request(sid, 1, hidden_size, new=1, past=3)).result
+        assert (result.step_id, list(result.hidden_states.shape)) == (1, [1, 1, hidden_size])
+        healthy.end()
+    assert info(stub).counters.errors == errors_before + 2
+    assert cluster.nodes[0].process.poll() is None
+
+
+def test_an_ended_stream_frees_its_cache_tokens(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    total = wait_for_free_cache(stub).cache_tokens_total
+    sid = new_id()
+    with Stream(stub) as stream:
+        stream.send(open_request(cluster.model_key, sid, max_length=32, batch_size=2))
+        stream.send(step_request(sid, 0, hidden_size, new=4, batch=2))
+        during = info(stub)
+        assert (during.cache_tokens_free, during.active_sessions) == (total - 2 * 32, 1)
+        stream.end()
+    after = wait_for_free_cache(stub)
+    assert (after.cache_tokens_free, after.active_sessions) == (total, 0)
+
+
+def test_a_cancelled_stream_frees_its_cache_tokens(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    total = wait_for_free_cache(stub).cache_tokens_total
+    sid = new_id()
+    with Stream(stub) as stream:
+        stream.send(open_request(cluster.model_key, sid, max_length=32))
+        stream.send(step_request(sid, 0, hidden_size, new=4))
+        assert info(stub).cache_tokens_free == total - 32
+    after = wait_for_free_cache(stub)
+    assert (after.cache_tokens_free, after.active_sessions) == (total, 0)

@@ -1,0 +1,82 @@
+"""The router picks a covering chain with the fewest, fastest hops, or names the blocks nobody serves."""
+
+from __future__ import annotations
+
+import pytest
+
+from hivegen.client.routing import RoutingCosts, plan_route
+from hivegen.dht import SpanRecord
+from hivegen.errors import NoRouteError, format_blocks
+
+
+def span(node: str, start: int, end: int, throughput: float = 100.0, cache: int = 10_000, state: str = "online"):
+    return SpanRecord(node, f"127.0.0.1:{5000 + start * 10 + end}", start, end, throughput, cache, "float32", "0", state)
+
+
+def spans(*records: SpanRecord) -> dict[str, SpanRecord]:
+    return {r.node_id: r for r in records}
+
+
+def hops(route: list) -> list[tuple[str, int, int]]:
+    return [(h.node_id, h.start, h.end) for h in route]
+
+
+def test_overlapping_spans_prefer_fewer_hops() -> None:
+    route = plan_route(spans(span("a", 0, 3), span("b", 3, 6), span("full", 0, 6)), "m", 0, 6)
+    assert hops(route) == [("full", 0, 6)]
+
+
+def test_chain_covers_every_block_in_order() -> None:
+    route = plan_route(spans(span("a", 0, 2), span("b", 2, 5), span("c", 5, 8)), "m", 0, 8)
+    assert hops(route) == [("a", 0, 2), ("b", 2, 5), ("c", 5, 8)]
+
+
+def test_node_may_serve_part_of_its_span() -> None:
+    route = plan_route(spans(span("a", 0, 4), span("b", 2, 6)), "m", 0, 6)
+    assert route[0].start == 0 and route[-1].end == 6
+    assert len(route) == 2 and route[0].end == route[1].start
+
+
+def test_slow_node_is_avoided_when_a_fast_chain_exists() -> None:
+    slow_full = span("slow", 0, 6, throughput=0.5)  # 2 s per step
+    route = plan_route(spans(slow_full, span("a", 0, 3), span("b", 3, 6)), "m", 0, 6)
+    assert hops(route) == [("a", 0, 3), ("b", 3, 6)]
+
+
+def test_node_short_on_cache_is_penalised() -> None:
+    full = span("full", 0, 6, cache=10)
+    route = plan_route(spans(full, span("a", 0, 3), span("b", 3, 6)), "m", 0, 6, needed_tokens=100)
+    assert hops(route) == [("a", 0, 3), ("b", 3, 6)]
+
+
+def test_excluded_and_offline_nodes_are_not_used() -> None:
+    records = spans(span("full", 0, 6), span("off", 0, 6, state="offline"), span("a", 0, 3), span("b", 3, 6))
+    route = plan_route(records, "m", 0, 6, exclude={"full"})
+    assert hops(route) == [("a", 0, 3), ("b", 3, 6)]
+
+
+def test_sub_range_route_for_failover() -> None:
+    route = plan_route(spans(span("a", 0, 6), span("b", 2, 4)), "m", 2, 4, exclude={"a"})
+    assert hops(route) == [("b", 2, 4)]
+
+
+def test_missing_blocks_raise_no_route_error_naming_them() -> None:
+    with pytest.raises(NoRouteError) as info:
+        plan_route(spans(span("a", 0, 2), span("b", 5, 6)), "tiny-123", 0, 6)
+    assert info.value.missing_blocks == [2, 3, 4]
+    assert "2-4" in str(info.value) and "tiny-123" in str(info.value)
+
+
+def test_empty_swarm_has_no_route() -> None:
+    with pytest.raises(NoRouteError, match="0-5"):
+        plan_route({}, "m", 0, 6)
+
+
+def test_hop_cost_trades_off_against_compute() -> None:
+    records = spans(span("full", 0, 6, throughput=10.0), span("a", 0, 3, throughput=1000.0), span("b", 3, 6, 1000.0))
+    assert len(plan_route(records, "m", 0, 6, costs=RoutingCosts(hop_seconds=0.5))) == 1
+    assert len(plan_route(records, "m", 0, 6, costs=RoutingCosts(hop_seconds=0.001))) == 2
+
+
+def test_format_blocks_compacts_ranges() -> None:
+    assert format_blocks([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
