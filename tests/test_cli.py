@@ -1,0 +1,156 @@
+"""The `hivegen` command as a user runs it: node serve, cluster up, and their shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hivegen.dht import fetch_spans, start_dht
+from hivegen.model.checkpoint import ModelCheckpoint
+from tests.conftest import TinyFactory
+
+HIVEGEN = [sys.executable, "-m", "hivegen"]
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts; killed (with their children) even if the test fails."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+        proc.wait()
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_blocks_argument_is_validated() -> None:
+    result = subprocess.run([*HIVEGEN, "node", "serve", "--model", ".", "--blocks", "5"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "START:END" in result.stderr
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*HIVEGEN, "node", "serve", "--model", str(tmp_path / "nope"), "--blocks", "0:1"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "hivegen: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def serve(path: Path, ready: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*HIVEGEN, "node", "serve", "--model", str(path), "--blocks", "0:4", "--num-threads", "1", "--ready-file",
+         str(ready), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def test_node_serve_without_peers_starts_a_swarm_others_can_join(
+    tiny_model: TinyFactory, processes: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    path = tiny_model("llama")
+    ready = tmp_path / "node.json"
+    node = serve(path, ready)
+    processes.append(node)
+    wait_for(ready.exists, what="the node's ready file")
+    info = json.loads(ready.read_text())
+    assert info["blocks"] == [0, 4] and info["pid"] == node.pid
+    checkpoint = ModelCheckpoint.open(path)
+    dht = start_dht(info["initial_peers"], client_mode=True)
+    try:
+        spans = wait_for(lambda: fetch_spans(dht, checkpoint.model_key, checkpoint.num_blocks), what="announcement")
+        assert [(s.start, s.end, s.address) for s in spans.values()] == [(0, 4, info["address"])]
+    finally:
+        dht.shutdown()
+    node.send_signal(signal.SIGTERM)
+    assert node.wait(30) == 0
+    output = node.stdout.read() if node.stdout else ""
+    assert "--initial-peers " + " ".join(info["initial_peers"]) in output  # how others join the new swarm
+
+
+def test_node_withdraws_its_blocks_on_sigterm(
+    tiny_model: TinyFactory, processes: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    path = tiny_model("llama")
+    checkpoint = ModelCheckpoint.open(path)
+    swarm = start_dht()
+    try:
+        node = serve(path, tmp_path / "node.json", "--initial-peers", *[str(a) for a in swarm.get_visible_maddrs()])
+        processes.append(node)
+        wait_for(lambda: fetch_spans(swarm, checkpoint.model_key, checkpoint.num_blocks), what="announcement")
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(30) == 0
+        assert fetch_spans(swarm, checkpoint.model_key, checkpoint.num_blocks) == {}
+        output = node.stdout.read() if node.stdout else ""
+        assert "withdrawn" in output
+    finally:
+        swarm.shutdown()
+
+
+def test_cluster_up_writes_ready_file_and_sigterm_stops_every_process(
+    tiny_model: TinyFactory, processes: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    ready = tmp_path / "cluster.json"
+    cluster = subprocess.Popen(
+        [*HIVEGEN, "cluster", "up", "--model", str(tiny_model("llama")), "--nodes", "3", "--node-threads", "1",
+         "--ready-file", str(ready)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    processes.append(cluster)
+    wait_for(ready.exists, timeout=180, what="the cluster's ready file")
+    info = json.loads(ready.read_text())
+    assert info["initial_peers"] and info["initial_peers"][0].startswith("/ip4/127.0.0.1/")
+    assert [n["blocks"] for n in info["nodes"]] == [[0, 2], [2, 4], [4, 6]]
+    pids = [n["pid"] for n in info["nodes"]]
+    assert all(psutil.pid_exists(p) and not gone(p) for p in pids)
+    assert all(n["address"].startswith("127.0.0.1:") for n in info["nodes"])
+    cluster.send_signal(signal.SIGTERM)
+    assert cluster.wait(60) == 0
+    wait_for(lambda: all(gone(p) for p in pids), timeout=30, what="node processes to exit")
+    output = cluster.stdout.read() if cluster.stdout else ""
+    assert output.count("node pid") == 3 and "cluster stopped" in output
+
+
+def test_nodes_exit_when_the_cluster_process_is_killed(
+    tiny_model: TinyFactory, processes: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    ready = tmp_path / "cluster.json"
+    cluster = subprocess.Popen(
+        [*HIVEGEN, "cluster", "up", "--model", str(tiny_model("llama")), "--nodes", "2", "--node-threads", "1",
+         "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    processes.append(cluster)
+    wait_for(ready.exists, timeout=180, what="the cluster's ready file")
+    pids = [n["pid"] for n in json.loads(ready.read_text())["nodes"]]
+    os.kill(cluster.pid, signal.SIGKILL)
+    cluster.wait()
+    wait_for(lambda: all(gone(p) for p in pids), timeout=30, what="orphaned nodes to exit")

@@ -1,0 +1,66 @@
+"""The real demo model, SmolLM2-135M-Instruct, over a 3-node local cluster.
+
+The model is prepared once into $HIVEGEN_HOME (default ~/.hivegen), as `hivegen models prepare smollm2` does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hivegen.client import RemoteModelForCausalLM
+from hivegen.cluster import LocalCluster
+from hivegen.model.demo import prepare_model
+from tests.conftest import ClusterFactory
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    return prepare_model("smollm2", progress=False)
+
+
+@pytest.fixture(scope="module")
+def cluster(smollm2: Path, start_cluster: ClusterFactory) -> LocalCluster:
+    return start_cluster(smollm2, spans=None)
+
+
+def chat_ids(path: Path) -> torch.Tensor:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    return encoded["input_ids"]
+
+
+def test_cluster_splits_30_blocks_over_3_nodes(cluster: LocalCluster) -> None:
+    assert [n.blocks for n in cluster.nodes] == [(0, 10), (10, 20), (20, 30)]
+
+
+def test_greedy_answer_matches_transformers_token_for_token(smollm2: Path, cluster: LocalCluster) -> None:
+    input_ids = chat_ids(smollm2)
+    local = AutoModelForCausalLM.from_pretrained(smollm2, attn_implementation="sdpa", dtype=torch.float32)
+    expected = local.generate(input_ids=input_ids, max_new_tokens=16, do_sample=False)
+    with RemoteModelForCausalLM.from_pretrained(smollm2, cluster.initial_peers) as model:
+        produced = model.generate(input_ids, max_new_tokens=16, do_sample=False)
+        hops = len(model.last_route)
+    assert hops == 3
+    assert produced.tolist() == expected.tolist()
+    answer = AutoTokenizer.from_pretrained(smollm2).decode(produced[0, input_ids.shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_cli_generate_streams_the_answer(smollm2: Path, cluster: LocalCluster) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hivegen", "generate", "--model", str(smollm2), "--initial-peers",
+         *cluster.initial_peers, "--prompt", QUESTION, "--max-new-tokens", "12"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
