@@ -11,9 +11,13 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from hivegen import __version__
 from hivegen.errors import HivegenError
+
+if TYPE_CHECKING:
+    import torch
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -110,28 +114,40 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import AutoTokenizer, BatchEncoding, TextStreamer
 
     from hivegen.client import RemoteModelForCausalLM
 
     path = _model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     use_chat = args.chat if args.chat is not None else tokenizer.chat_template is not None
+    input_ids: torch.Tensor
     if use_chat:
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt",
-            return_dict=True,
-        )  # fmt: skip
+        # With return_dict=True this returns a BatchEncoding; transformers types it as a union of every mode.
+        encoded = cast(
+            BatchEncoding,
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": args.prompt}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            ),
+        )
         input_ids = encoded["input_ids"]
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with RemoteModelForCausalLM.from_pretrained(path, initial_peers=args.initial_peers) as model:
         model.generate(
-            input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer, seed=args.seed,
-            do_sample=args.temperature is not None and args.temperature > 0 or None,
-            temperature=args.temperature or None, top_k=args.top_k, top_p=args.top_p,
-        )  # fmt: skip
+            input_ids,
+            max_new_tokens=args.max_new_tokens,
+            streamer=streamer,
+            seed=args.seed,
+            do_sample=(args.temperature is not None and args.temperature > 0) or None,
+            temperature=args.temperature or None,
+            top_k=args.top_k,
+            top_p=args.top_p,
+        )
     return 0
 
 
@@ -149,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    node = commands.add_parser("node", help="run a node that serves blocks").add_subparsers(dest="node_cmd", required=True)
+    node = commands.add_parser("node", help="run a node that serves blocks").add_subparsers(
+        dest="node_cmd", required=True
+    )
     serve = node.add_parser("serve", help="serve a span of a model's blocks and announce it in the DHT")
     serve.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
     serve.add_argument("--blocks", required=True, type=_blocks, help="START:END, the blocks to serve")

@@ -148,7 +148,9 @@ class LocalCluster:
             self._check_deadline(deadline, pending)
             time.sleep(0.2)
         assert self.dht is not None
-        while missing := missing_blocks(fetch_spans(self.dht, self.model_key, self.num_blocks).values(), self.num_blocks):
+        while missing := missing_blocks(
+            fetch_spans(self.dht, self.model_key, self.num_blocks).values(), self.num_blocks
+        ):
             self._check_deadline(deadline, [], missing)
             time.sleep(0.2)
 
@@ -164,8 +166,7 @@ class LocalCluster:
             "initial_peers": self.initial_peers,
             "model_key": self.model_key,
             "nodes": [
-                {"pid": n.pid, "blocks": list(n.blocks), "address": n.address, "node_id": n.node_id}
-                for n in self.nodes
+                {"pid": n.pid, "blocks": list(n.blocks), "address": n.address, "node_id": n.node_id} for n in self.nodes
             ],
         }
 

@@ -47,7 +47,7 @@ def format_blocks(blocks: list[int]) -> str:
         return "(none)"
     ranges: list[str] = []
     start = prev = blocks[0]
-    for b in blocks[1:] + [None]:  # type: ignore[list-item]
+    for b in [*blocks[1:], None]:
         if b is not None and b == prev + 1:
             prev = b
             continue

@@ -1,4 +1,4 @@
-"""Regenerate hivegen/proto/*_pb2*.py from the .proto files (tests check that they are current)."""
+"""Regenerate hivegen/proto/*_pb2*.py and *_pb2.pyi from the .proto files (tests check that they are current)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
     """Compile every .proto in PROTO_DIR into out_dir; return the files written."""
     written: list[Path] = []
     for proto in sorted(PROTO_DIR.glob("*.proto")):
-        args = ["grpc_tools.protoc", f"-I{PROTO_DIR}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", str(proto)]
+        args = [
+            "grpc_tools.protoc",
+            f"-I{PROTO_DIR}",
+            f"--python_out={out_dir}",
+            f"--grpc_python_out={out_dir}",
+            str(proto),
+        ]
         if protoc.main(args) != 0:
             raise SystemExit(f"protoc failed on {proto}")
         grpc_file = out_dir / f"{proto.stem}_pb2_grpc.py"
@@ -27,6 +33,17 @@ def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
     return written
 
 
+def generate_type_stubs(out_dir: Path = PROTO_DIR) -> list[Path]:
+    """Write the *_pb2.pyi type stubs that mypy reads for the generated messages; return the files written."""
+    written: list[Path] = []
+    for proto in sorted(PROTO_DIR.glob("*.proto")):
+        if protoc.main(["grpc_tools.protoc", f"-I{PROTO_DIR}", f"--pyi_out={out_dir}", str(proto)]) != 0:
+            raise SystemExit(f"protoc failed on {proto}")
+        written.append(out_dir / f"{proto.stem}_pb2.pyi")
+    return written
+
+
 if __name__ == "__main__":
-    for path in generate(Path(sys.argv[1]) if len(sys.argv) > 1 else PROTO_DIR):
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else PROTO_DIR
+    for path in generate(out) + generate_type_stubs(out):
         print(path)

@@ -25,7 +25,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyFactory:
     def make(arch: str, num_layers: int = 6, seed: int = 0) -> Path:
         key = (arch, num_layers, seed)
         if key not in built:
-            built[key] = make_tiny_checkpoint(arch, tmp_path_factory.mktemp(f"{arch}-{num_layers}-{seed}"), num_layers, seed)
+            built[key] = make_tiny_checkpoint(
+                arch, tmp_path_factory.mktemp(f"{arch}-{num_layers}-{seed}"), num_layers, seed
+            )
         return built[key]
 
     return make
@@ -38,7 +40,11 @@ def start_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterF
 
     def start(model: Path, spans: list[tuple[int, int]] | None = None, **kwargs: object) -> LocalCluster:
         cluster = LocalCluster(
-            model, spans=spans, node_threads=1, work_dir=tmp_path_factory.mktemp("cluster"), **kwargs  # type: ignore[arg-type]
+            model,
+            spans=spans,
+            node_threads=1,
+            work_dir=tmp_path_factory.mktemp("cluster"),
+            **kwargs,  # type: ignore[arg-type]
         )
         clusters.append(cluster)
         return cluster.start()

@@ -52,14 +52,18 @@ def gone(pid: int) -> bool:
 
 
 def test_blocks_argument_is_validated() -> None:
-    result = subprocess.run([*HIVEGEN, "node", "serve", "--model", ".", "--blocks", "5"], capture_output=True, text=True)
+    result = subprocess.run(
+        [*HIVEGEN, "node", "serve", "--model", ".", "--blocks", "5"], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "START:END" in result.stderr
 
 
 def test_missing_model_dir_is_a_clear_error(tmp_path: Path) -> None:
     result = subprocess.run(
-        [*HIVEGEN, "node", "serve", "--model", str(tmp_path / "nope"), "--blocks", "0:1"], capture_output=True, text=True
+        [*HIVEGEN, "node", "serve", "--model", str(tmp_path / "nope"), "--blocks", "0:1"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "hivegen: error:" in result.stderr and "Traceback" not in result.stderr

@@ -40,6 +40,15 @@ def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
         )
 
 
+def test_committed_type_stubs_match_the_proto(tmp_path: Path) -> None:
+    written = load_gen_proto().generate_type_stubs(out_dir=tmp_path)
+    assert sorted(p.name for p in written) == ["node_pb2.pyi"]
+    for path in written:
+        assert path.read_bytes() == (PROTO_DIR / path.name).read_bytes(), (
+            f"{path.name} is stale: run `python scripts/gen_proto.py`"
+        )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_float_tensors_round_trip_exactly(dtype: torch.dtype) -> None:
     assert_round_trip(torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0)).to(dtype))

@@ -10,7 +10,9 @@ from hivegen.errors import NoRouteError, format_blocks
 
 
 def span(node: str, start: int, end: int, throughput: float = 100.0, cache: int = 10_000, state: str = "online"):
-    return SpanRecord(node, f"127.0.0.1:{5000 + start * 10 + end}", start, end, throughput, cache, "float32", "0", state)
+    return SpanRecord(
+        node, f"127.0.0.1:{5000 + start * 10 + end}", start, end, throughput, cache, "float32", "0", state
+    )
 
 
 def spans(*records: SpanRecord) -> dict[str, SpanRecord]:

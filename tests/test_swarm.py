@@ -40,7 +40,9 @@ def prompt(seed: int, length: int = 10) -> torch.Tensor:
 
 
 def greedy_reference(reference: AutoModelForCausalLM, input_ids: torch.Tensor, new: int) -> list[int]:
-    out = reference.generate(input_ids=input_ids, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = reference.generate(
+        input_ids=input_ids, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     return out[0].tolist()
 
 
@@ -53,9 +55,12 @@ def test_overlapping_spans_route_through_the_single_full_node(cluster: LocalClus
 
 def test_unserved_blocks_raise_no_route_error(cluster: LocalCluster, model_path: Path) -> None:
     only_tail = [cluster.nodes[2].node_id]  # serves 3:6
-    with RemoteModelForCausalLM.from_pretrained(
-        model_path, cluster.initial_peers, allowed_nodes=only_tail, route_wait=0
-    ) as model, pytest.raises(NoRouteError) as info:
+    with (
+        RemoteModelForCausalLM.from_pretrained(
+            model_path, cluster.initial_peers, allowed_nodes=only_tail, route_wait=0
+        ) as model,
+        pytest.raises(NoRouteError) as info,
+    ):
         model.generate(prompt(0), max_new_tokens=2)
     assert info.value.missing_blocks == [0, 1, 2]
 
@@ -113,14 +118,23 @@ def test_streamed_tokens_equal_generated_tokens(cluster: LocalCluster, model_pat
     streamer = Collect()
     with RemoteModelForCausalLM.from_pretrained(model_path, cluster.initial_peers) as model:
         out = model.generate(prompt(3), max_new_tokens=8, do_sample=False, eos_token_id=[], streamer=streamer)
-        streamed = [int(t) for t in model.generate_stream(prompt(3), max_new_tokens=8, do_sample=False, eos_token_id=[])]
+        streamed = [
+            int(t) for t in model.generate_stream(prompt(3), max_new_tokens=8, do_sample=False, eos_token_id=[])
+        ]
     assert streamer.chunks[0] == prompt(3)[0].tolist()
-    assert sum(streamer.chunks[1:], []) == out[0, 10:].tolist() == streamed
+    assert sum(streamer.chunks[1:], []) == out[0, 10:].tolist() == streamed  # noqa: RUF017 - a few short lists
     assert streamer.ended
 
 
 def test_sampling_with_a_seed_is_reproducible(cluster: LocalCluster, model_path: Path) -> None:
-    kwargs = {"max_new_tokens": 16, "do_sample": True, "temperature": 1.5, "top_k": 50, "top_p": 0.95, "eos_token_id": []}
+    kwargs = {
+        "max_new_tokens": 16,
+        "do_sample": True,
+        "temperature": 1.5,
+        "top_k": 50,
+        "top_p": 0.95,
+        "eos_token_id": [],
+    }
     with RemoteModelForCausalLM.from_pretrained(model_path, cluster.initial_peers) as model:
         first = model.generate(prompt(4), seed=7, **kwargs)
         again = model.generate(prompt(4), seed=7, **kwargs)

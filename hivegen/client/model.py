@@ -62,8 +62,13 @@ class RemoteModelForCausalLM:
             dtype = dtype_from_name(dtype)
         head = ClientHead(checkpoint, dtype=dtype or checkpoint.default_dtype(device), device=device)
         swarm = SwarmView(
-            checkpoint.model_key, checkpoint.num_blocks, initial_peers, dht=dht, costs=costs,
-            allowed_nodes=allowed_nodes, route_wait=route_wait,
+            checkpoint.model_key,
+            checkpoint.num_blocks,
+            initial_peers,
+            dht=dht,
+            costs=costs,
+            allowed_nodes=allowed_nodes,
+            route_wait=route_wait,
         )
         return cls(checkpoint, head, swarm)
 
@@ -155,7 +160,12 @@ class RemoteModelForCausalLM:
         self.close()
 
     def _sampling_params(
-        self, do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None, seed: int | None
+        self,
+        do_sample: bool | None,
+        temperature: float | None,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int | None,
     ) -> SamplingParams:
         gc = self.generation_config
         return SamplingParams(

@@ -22,8 +22,14 @@ from hivegen.proto.tensors import deserialize, dtype_from_name, serialize
 logger = logging.getLogger(__name__)
 
 # Errors after which a node is dropped and its blocks re-routed; others (bad input) are raised.
-RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED}
+RETRIABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 _CLOSE = object()
 
 
@@ -200,8 +206,9 @@ class InferenceSession:
         """Drop the failed hop, route its blocks anew and replay its inputs so the new caches match."""
         failed = self.spans[index]
         self.failed_nodes.add(failed.hop.node_id)
-        logger.warning("node %s failed (%s); re-routing blocks %d:%d", failed.hop.address, error, failed.hop.start,
-                       failed.hop.end)
+        logger.warning(
+            "node %s failed (%s); re-routing blocks %d:%d", failed.hop.address, error, failed.hop.start, failed.hop.end
+        )
         failed.close()
         replacement = self._open_chain(failed.hop.start, failed.hop.end)
         for past in failed.history:

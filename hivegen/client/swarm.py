@@ -28,6 +28,7 @@ class SwarmView:
         costs: RoutingCosts | None = None,
         allowed_nodes: Collection[str] | None = None,
         route_wait: float = 0.0,
+        spans_ttl: float = 5.0,
     ) -> None:
         self.model_key = model_key
         self.num_blocks = num_blocks
@@ -36,11 +37,17 @@ class SwarmView:
         self.route_wait = route_wait  # seconds to keep looking when blocks are missing (nodes starting up)
         self._own_dht = dht is None
         self.dht = dht if dht is not None else start_dht(list(initial_peers) or None, client_mode=True)
+        self.spans_ttl = spans_ttl  # reuse a DHT look-up this long: it costs tens of ms per generation
+        self._cached: tuple[float, dict[str, SpanRecord]] | None = None
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
-    def spans(self) -> dict[str, SpanRecord]:
-        found = fetch_spans(self.dht, self.model_key, self.num_blocks)
+    def spans(self, fresh: bool = False) -> dict[str, SpanRecord]:
+        """Online spans of the model (node id -> record), from a recent look-up unless `fresh`."""
+        now = time.monotonic()
+        if fresh or self._cached is None or now - self._cached[0] > self.spans_ttl:
+            self._cached = (now, fetch_spans(self.dht, self.model_key, self.num_blocks))
+        found = self._cached[1]
         if self.allowed_nodes is not None:
             found = {k: v for k, v in found.items() if k in self.allowed_nodes or v.address in self.allowed_nodes}
         return found
@@ -48,13 +55,22 @@ class SwarmView:
     def route(self, start: int, end: int, exclude: Collection[str] = (), needed_tokens: int = 0) -> list[Hop]:
         """The cheapest chain for blocks [start, end), waiting up to route_wait seconds for coverage."""
         deadline = time.monotonic() + self.route_wait
+        fresh = bool(exclude)  # re-routing after a failure: look again
         while True:
             try:
                 return plan_route(
-                    self.spans(), self.model_key, start, end, needed_tokens=needed_tokens, exclude=exclude,
+                    self.spans(fresh),
+                    self.model_key,
+                    start,
+                    end,
+                    needed_tokens=needed_tokens,
+                    exclude=exclude,
                     costs=self.costs,
                 )
             except NoRouteError:
+                if not fresh:  # the cached view may be stale: look once more before waiting
+                    fresh = True
+                    continue
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.5)

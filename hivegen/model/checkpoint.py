@@ -80,7 +80,9 @@ class ModelCheckpoint:
         """Load the named tensors, opening each shard that holds any of them exactly once."""
         missing = [n for n in names if n not in self.tensor_files]
         if missing:
-            raise ModelLoadError(f"checkpoint {self.path} lacks tensors {missing[:5]} (and {max(0, len(missing) - 5)} more)")
+            raise ModelLoadError(
+                f"checkpoint {self.path} lacks tensors {missing[:5]} (and {max(0, len(missing) - 5)} more)"
+            )
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.tensor_files[name], []).append(name)
@@ -113,7 +115,8 @@ def _tensor_files(root: Path) -> dict[str, str]:
     single = root / _SINGLE_FILE
     if single.is_file():
         with safe_open(str(single), framework="pt", device="cpu") as shard:
-            return {name: _SINGLE_FILE for name in shard.keys()}
+            # safe_open is not a dict and not iterable: .keys() is its only way to list the tensors.
+            return {name: _SINGLE_FILE for name in shard.keys()}  # noqa: SIM118
     raise ModelLoadError(
         f"{root} has no {_SINGLE_FILE} or {_INDEX_FILE}; hivegen reads safetensors checkpoints only "
         "(convert .bin/.gguf with `hivegen models prepare` or transformers' save_pretrained)"

@@ -24,7 +24,7 @@ class ClientHead:
         self.config = self.skeleton.config
         causal_lm = self.skeleton.causal_lm
         self.embeddings = causal_lm.get_input_embeddings()
-        self.norm = self.skeleton.base.norm
+        self.norm = self.skeleton.norm
         self.lm_head = causal_lm.get_output_embeddings()
         self.skeleton.materialize(self.embeddings, dtype, self.device)
         self.skeleton.materialize(self.norm, dtype, self.device)

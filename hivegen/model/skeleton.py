@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from hivegen.errors import UnsupportedModelError
 from hivegen.model.checkpoint import ModelCheckpoint
@@ -34,13 +34,15 @@ class ModelSkeleton:
 
     checkpoint: ModelCheckpoint
     config: PretrainedConfig  # the decoder (text) config the layers were built with
-    causal_lm: nn.Module
+    causal_lm: PreTrainedModel
     base: nn.Module  # the decoder stack: has .layers, .norm, .rotary_emb
     layer_types: list[str]
     module_names: dict[int, str]  # id(module) -> qualified name, for mapping to checkpoint keys
 
     @classmethod
-    def build(cls, checkpoint: ModelCheckpoint, attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION) -> ModelSkeleton:
+    def build(
+        cls, checkpoint: ModelCheckpoint, attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION
+    ) -> ModelSkeleton:
         config = checkpoint.text_config
         # Bare layers use eager attention without a causal mask unless this is set explicitly.
         config._attn_implementation = attn_implementation
@@ -63,6 +65,20 @@ class ModelSkeleton:
         layer_types = resolve_layer_types(config)
         names = {id(module): name for name, module in causal_lm.named_modules()}
         return cls(checkpoint, config, causal_lm, base, layer_types, names)
+
+    @property
+    def norm(self) -> nn.Module:
+        """The final norm of the decoder stack."""
+        return self.base.get_submodule("norm")
+
+    @property
+    def rotary_emb(self) -> nn.Module:
+        """The decoder stack's rotary embedding module."""
+        return self.base.get_submodule("rotary_emb")
+
+    def layer(self, index: int) -> nn.Module:
+        """Decoder block `index` (0-based, over the whole model)."""
+        return self.base.get_submodule(f"layers.{index}")
 
     def param_names(self, module: nn.Module) -> dict[str, str]:
         """Map each parameter of `module` (local name) to its full checkpoint key."""
@@ -88,7 +104,7 @@ class ModelSkeleton:
         self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for `position_ids`, from the model's own rotary module (Gemma 3 keys it by layer type)."""
-        rotary = self.base.rotary_emb
+        rotary = self.rotary_emb
         if _accepts(rotary.forward, "layer_type"):
             return rotary(hidden, position_ids, layer_type)  # type: ignore[no-any-return]
         return rotary(hidden, position_ids)  # type: ignore[no-any-return]

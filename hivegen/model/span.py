@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -35,11 +34,10 @@ class BlockSpan:
         self.skeleton = ModelSkeleton.build(checkpoint, attn_implementation)
         self.config = self.skeleton.config
         self.hidden_size = int(self.config.hidden_size)
-        all_layers: nn.ModuleList = self.skeleton.base.layers
-        self.layers = [all_layers[i] for i in range(start, end)]
+        self.layers = [self.skeleton.layer(i) for i in range(start, end)]
         for layer in self.layers:
             self.skeleton.materialize(layer, dtype, self.device)
-        self.skeleton.base.rotary_emb.to(self.device)
+        self.skeleton.rotary_emb.to(self.device)
         self.layer_types = self.skeleton.layer_types[start:end]
 
     @property

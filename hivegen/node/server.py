@@ -87,7 +87,11 @@ class NodeServer:
         if cfg.ready_file is not None:
             self._write_ready_file(cfg.ready_file)
         logger.info(
-            "serving blocks %d:%d of %s at %s (%.1f steps/s)", cfg.start, cfg.end, self.model_key, self.address,
+            "serving blocks %d:%d of %s at %s (%.1f steps/s)",
+            cfg.start,
+            cfg.end,
+            self.model_key,
+            self.address,
             self.throughput,
         )
 

@@ -22,7 +22,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self.model_name = model_name
         self.num_blocks = num_blocks
 
-    def Inference(  # noqa: N802 - gRPC's method name
+    def Inference(  # gRPC's method name
         self, request_iterator: Iterator[node_pb2.InferenceRequest], context: grpc.ServicerContext
     ) -> Iterator[node_pb2.InferenceResponse]:
         session: Session | None = None
@@ -70,7 +70,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             if session is not None:
                 self.sessions.close(session.session_id)
 
-    def Info(self, request: node_pb2.InfoRequest, context: grpc.ServicerContext) -> node_pb2.NodeInfo:  # noqa: N802
+    def Info(self, request: node_pb2.InfoRequest, context: grpc.ServicerContext) -> node_pb2.NodeInfo:
         span = self.sessions.span
         c = self.sessions.counters
         return node_pb2.NodeInfo(

@@ -185,7 +185,12 @@ class SessionManager:
                 f"hidden_states dtype is {req.hidden_states.dtype}; this node runs {expected_dtype}",
             )
         batch = session.batch_size
-        if hidden.ndim != 3 or hidden.shape[0] != batch or hidden.shape[1] < 1 or hidden.shape[2] != self.span.hidden_size:
+        if (
+            hidden.ndim != 3
+            or hidden.shape[0] != batch
+            or hidden.shape[1] < 1
+            or hidden.shape[2] != self.span.hidden_size
+        ):
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"hidden_states shape {list(hidden.shape)} is wrong: expected [{batch}, new_tokens>=1, "
@@ -195,7 +200,8 @@ class SessionManager:
         if positions.dtype != torch.int64 or list(positions.shape) != [batch, new]:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"position_ids must be int64 of shape [{batch}, {new}], got {req.position_ids.dtype} {list(positions.shape)}",
+                f"position_ids must be int64 of shape [{batch}, {new}], got {req.position_ids.dtype} "
+                f"{list(positions.shape)}",
             )
         if mask.dtype not in MASK_DTYPES or list(mask.shape) != [batch, new]:
             raise RequestError(
