@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import signal
 import threading
 from pathlib import Path
@@ -141,6 +142,44 @@ def test_sampling_with_a_seed_is_reproducible(cluster: LocalCluster, model_path:
         other = model.generate(prompt(4), seed=8, **kwargs)
     assert first.tolist() == again.tolist()
     assert first.tolist() != other.tolist()
+
+
+def test_full_node_refuses_the_session_and_is_routed_around(
+    cluster: LocalCluster, model_path: Path, reference: AutoModelForCausalLM
+) -> None:
+    """The client's (cached) view says the full node has room; it refuses at open, and the client re-routes."""
+    full = cluster.nodes[0]
+    channel = grpc.insecure_channel(full.address)
+    stub = node_pb2_grpc.NodeStub(channel)
+    info = stub.Info(node_pb2.InfoRequest(), timeout=10)
+    hogs: list[queue.Queue[node_pb2.InferenceRequest | None]] = []
+    streams = []
+    with RemoteModelForCausalLM.from_pretrained(model_path, cluster.initial_peers, spans_ttl=600) as model:
+        model.swarm.spans()  # cache the view while the node still advertises free cache
+        per_session = 64 * 256  # the largest session the tiny model allows
+        for i in range(info.cache_tokens_free // per_session):
+            requests: queue.Queue[node_pb2.InferenceRequest | None] = queue.Queue()
+            requests.put(node_pb2.InferenceRequest(open=node_pb2.OpenSession(
+                session_id=f"hog-{i}", model_key=cluster.model_key, start_block=0, end_block=6,
+                max_length=256, batch_size=64)))  # fmt: skip
+            stream = stub.Inference(iter(requests.get, None), timeout=120)
+            next(stream)  # opened
+            hogs.append(requests)
+            streams.append(stream)
+        try:
+            out = model.generate(prompt(6), max_new_tokens=8, do_sample=False, eos_token_id=[])
+            route = model.last_route
+        finally:
+            for requests in hogs:
+                requests.put(None)
+            for stream in streams:
+                stream.cancel()
+            channel.close()
+    assert [(h.start, h.end) for h in route] == [(0, 3), (3, 6)]
+    assert out[0].tolist() == greedy_reference(reference, prompt(6), 8)
+    with grpc.insecure_channel(full.address) as check:
+        after = node_pb2_grpc.NodeStub(check).Info(node_pb2.InfoRequest(), timeout=10)
+    assert after.counters.errors > info.counters.errors  # it did refuse the open
 
 
 def test_killed_node_is_replaced_and_tokens_are_unchanged(

@@ -55,6 +55,7 @@ class RemoteModelForCausalLM:
         allowed_nodes: Collection[str] | None = None,
         costs: RoutingCosts | None = None,
         route_wait: float = 10.0,
+        spans_ttl: float = 5.0,
     ) -> RemoteModelForCausalLM:
         """Load only the local parts of the checkpoint in `path` and join the swarm via `initial_peers`."""
         checkpoint = ModelCheckpoint.open(path)
@@ -69,6 +70,7 @@ class RemoteModelForCausalLM:
             costs=costs,
             allowed_nodes=allowed_nodes,
             route_wait=route_wait,
+            spans_ttl=spans_ttl,
         )
         return cls(checkpoint, head, swarm)
 

@@ -22,14 +22,17 @@ from hivegen.proto.tensors import deserialize, dtype_from_name, serialize
 logger = logging.getLogger(__name__)
 
 # Errors after which a node is dropped and its blocks re-routed; others (bad input) are raised.
-RETRIABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
+RETRIABLE_CODES = frozenset(
+    code.name
+    for code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,  # node full
+    )
+)
 _CLOSE = object()
 
 
@@ -56,20 +59,23 @@ class SpanSession:
         self._call = swarm.stub(hop.address).Inference(self._request_iter())
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"hivegen-read-{hop.address}")
         self._reader.start()
-        opened = self._exchange(
-            node_pb2.InferenceRequest(
-                open=node_pb2.OpenSession(
-                    session_id=self.session_id,
-                    model_key=swarm.model_key,
-                    start_block=hop.start,
-                    end_block=hop.end,
-                    max_length=max_length,
-                    batch_size=batch_size,
-                )
+        request = node_pb2.InferenceRequest(
+            open=node_pb2.OpenSession(
+                session_id=self.session_id,
+                model_key=swarm.model_key,
+                start_block=hop.start,
+                end_block=hop.end,
+                max_length=max_length,
+                batch_size=batch_size,
             )
         )
-        if opened.WhichOneof("kind") != "opened":
-            raise RemoteError(hop.address, "PROTOCOL", "expected `opened` as the first answer")
+        try:
+            opened = self._exchange(request)
+            if opened.WhichOneof("kind") != "opened":
+                raise RemoteError(hop.address, "INTERNAL", "expected `opened` as the first answer")
+        except BaseException:
+            self.close()  # ends the stream and its reader thread
+            raise
 
     def step(self, inputs: StepInputs) -> tuple[torch.Tensor, float]:
         """Send one step; return the hop's output hidden states and the node's compute seconds."""
@@ -167,7 +173,7 @@ class InferenceSession:
             try:
                 hidden, node_seconds = self.spans[index].step(inputs)
             except RemoteError as exc:
-                if exc.code not in {c.name for c in RETRIABLE} or len(self.failed_nodes) >= self.max_failovers:
+                if not self._may_retry(exc):
                     raise
                 self._replace(index, exc)
                 continue
@@ -190,17 +196,31 @@ class InferenceSession:
         self.close()
 
     def _open_chain(self, start: int, end: int) -> list[SpanSession]:
-        route = self.swarm.route(start, end, exclude=self.failed_nodes, needed_tokens=self.max_length * self.batch_size)
-        opened: list[SpanSession] = []
-        try:
-            for hop in route:
-                opened.append(SpanSession(self.swarm, hop, self.max_length, self.batch_size, self.timeout))
-        except BaseException:
-            for span in opened:
-                span.close()
-            raise
-        logger.debug("route %s", " -> ".join(f"{h.address}[{h.start}:{h.end}]" for h in route))
-        return opened
+        """Open sessions on a route for blocks [start, end); a node that refuses or fails is routed around."""
+        needed_tokens = self.max_length * self.batch_size
+        while True:
+            route = self.swarm.route(start, end, exclude=self.failed_nodes, needed_tokens=needed_tokens)
+            opened: list[SpanSession] = []
+            try:
+                for hop in route:
+                    opened.append(SpanSession(self.swarm, hop, self.max_length, self.batch_size, self.timeout))
+            except RemoteError as exc:
+                for span in opened:
+                    span.close()
+                if not self._may_retry(exc):
+                    raise
+                self.failed_nodes.add(route[len(opened)].node_id)
+                logger.warning("cannot open a session on %s (%s); routing around it", exc.address, exc.code)
+                continue
+            except BaseException:
+                for span in opened:
+                    span.close()
+                raise
+            logger.debug("route %s", " -> ".join(f"{h.address}[{h.start}:{h.end}]" for h in route))
+            return opened
+
+    def _may_retry(self, error: RemoteError) -> bool:
+        return error.code in RETRIABLE_CODES and len(self.failed_nodes) < self.max_failovers
 
     def _replace(self, index: int, error: RemoteError) -> None:
         """Drop the failed hop, route its blocks anew and replay its inputs so the new caches match."""

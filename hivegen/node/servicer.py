@@ -66,6 +66,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             self.sessions.count_error()
             logger.info("refused a request: %s %s", exc.code.name, exc.message)
             context.abort(exc.code, exc.message)
+        except Exception as exc:  # a bug or a device error: this stream fails, the node keeps serving
+            self.sessions.count_error()
+            logger.exception("internal error in an inference stream")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error on the node: {type(exc).__name__}: {exc}")
         finally:
             if session is not None:
                 self.sessions.close(session.session_id)
