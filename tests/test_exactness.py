@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from hivegen.client import RemoteModelForCausalLM
 from hivegen.cluster import LocalCluster
-from tests.conftest import TinyFactory
+from tests.conftest import ClusterFactory, TinyFactory
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "gemma3"]
 SPANS = [(0, 6), (0, 1), (1, 3), (3, 6), (1, 6)]  # full; 1 + 2 + 3 blocks; 5 blocks
@@ -67,4 +67,25 @@ def test_greedy_batch_matches_transformers(arch_cluster: tuple[Path, LocalCluste
     assert [(h.node_id, h.start, h.end) for h in route] == [
         (cluster.nodes[i].node_id, *cluster.nodes[i].blocks) for i in CHAINS[hops]
     ]
+    assert produced.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_chain_matches_transformers_in_that_dtype(
+    dtype: torch.dtype, tiny_model: TinyFactory, start_cluster: ClusterFactory
+) -> None:
+    """Nodes and client run `dtype`; hidden states cross the wire in it; tokens equal a local run in it."""
+    path = tiny_model("llama")
+    name = str(dtype).removeprefix("torch.")
+    cluster = start_cluster(path, spans=[(0, 2), (2, 6)], dtype=name)
+    input_ids, attention_mask = prompts()
+    local = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=dtype)
+    expected = local.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+    )
+    with RemoteModelForCausalLM.from_pretrained(path, cluster.initial_peers, dtype=dtype) as model:
+        produced = model.generate(
+            input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+        )
+        assert [h.dtype for h in model.last_route] == [name, name]
     assert produced.tolist() == expected.tolist()
