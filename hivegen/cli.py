@@ -48,22 +48,33 @@ def _wait_for_signal() -> None:
         pass
 
 
-def _die_with_parent() -> None:
-    """Nodes started by `cluster up` exit when it dies, even by SIGKILL (Linux prctl)."""
+def _set_parent_death_signal(sig: int) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, sig)
+
+
+def _tie_process_tree() -> None:
+    """Make this long-lived process and what it forks end together, even if one is SIGKILLed.
+
+    A node started by `cluster up` exits when the cluster process dies; hivemind's DHT runs in a
+    forked child (which owns the p2pd daemon) and would otherwise outlive a killed parent.
+    """
+    if not sys.platform.startswith("linux"):
+        return
     from hivegen.cluster import PARENT_PID_ENV
 
     parent = os.environ.get(PARENT_PID_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != int(parent):
-        sys.exit(1)
+    if parent:
+        _set_parent_death_signal(signal.SIGTERM)  # a graceful stop: the node withdraws from the DHT
+        if os.getppid() != int(parent):  # the parent died before the signal was armed
+            sys.exit(1)
+    os.register_at_fork(after_in_child=lambda: _set_parent_death_signal(signal.SIGKILL))
 
 
 def cmd_node_serve(args: argparse.Namespace) -> int:
-    _die_with_parent()
+    _tie_process_tree()
     import torch
 
     if args.num_threads:
@@ -92,6 +103,7 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
+    _tie_process_tree()
     from hivegen.cluster import LocalCluster
 
     cluster = LocalCluster(_model_path(args.model), nodes=args.nodes, host=args.host, dtype=args.dtype,

@@ -44,6 +44,11 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
         proc.wait()
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: nodes, hivemind's DHT children and their p2pd daemons."""
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
 def gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -136,9 +141,11 @@ def test_cluster_up_writes_ready_file_and_sigterm_stops_every_process(
     pids = [n["pid"] for n in info["nodes"]]
     assert all(psutil.pid_exists(p) and not gone(p) for p in pids)
     assert all(n["address"].startswith("127.0.0.1:") for n in info["nodes"])
+    tree = descendants(cluster.pid)
+    assert set(pids) < set(tree)  # the nodes, plus DHT processes and p2pd daemons
     cluster.send_signal(signal.SIGTERM)
     assert cluster.wait(60) == 0
-    wait_for(lambda: all(gone(p) for p in pids), timeout=30, what="node processes to exit")
+    wait_for(lambda: all(gone(p) for p in tree), timeout=30, what="every process the cluster started to exit")
     output = cluster.stdout.read() if cluster.stdout else ""
     assert output.count("node pid") == 3 and "cluster stopped" in output
 
@@ -154,7 +161,8 @@ def test_nodes_exit_when_the_cluster_process_is_killed(
     )  # fmt: skip
     processes.append(cluster)
     wait_for(ready.exists, timeout=180, what="the cluster's ready file")
-    pids = [n["pid"] for n in json.loads(ready.read_text())["nodes"]]
+    tree = descendants(cluster.pid)
+    assert {n["pid"] for n in json.loads(ready.read_text())["nodes"]} < set(tree)
     os.kill(cluster.pid, signal.SIGKILL)
     cluster.wait()
-    wait_for(lambda: all(gone(p) for p in pids), timeout=30, what="orphaned nodes to exit")
+    wait_for(lambda: all(gone(p) for p in tree), timeout=30, what="every orphaned process to exit")

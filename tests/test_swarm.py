@@ -5,9 +5,11 @@ from __future__ import annotations
 import queue
 import signal
 import threading
+import time
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -192,7 +194,13 @@ def test_killed_node_is_replaced_and_tokens_are_unchanged(
         for token in model.generate_stream(prompt(5), max_new_tokens=16, do_sample=False, eos_token_id=[]):
             tokens.append(int(token))
             if len(tokens) == 5:
+                doomed = [cluster.nodes[0].pid, *(c.pid for c in psutil.Process(cluster.nodes[0].pid).children(True))]
                 cluster.stop_node(0, signal.SIGKILL)
         route = model.last_route
     assert tokens == expected
     assert [(h.start, h.end) for h in route] == [(0, 3), (3, 6)]
+    assert len(doomed) >= 3  # the node, its DHT process and that one's p2pd
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in doomed):
+        assert time.monotonic() < deadline, "the killed node left processes behind"
+        time.sleep(0.2)
