@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, cast
 
 from hivegen import __version__
 from hivegen.errors import HivegenError
+from hivegen.files import write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -115,9 +115,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
             print(f"node pid {node.pid}: blocks {node.blocks[0]}:{node.blocks[1]} at {node.address}", flush=True)
         print(f"ready in {cluster.ready_seconds:.1f} s; initial peers: {' '.join(cluster.initial_peers)}", flush=True)
         if args.ready_file:
-            tmp = Path(args.ready_file + ".tmp")
-            tmp.write_text(json.dumps(cluster.info(), indent=2))
-            tmp.replace(args.ready_file)
+            write_json_atomic(args.ready_file, cluster.info())
         _wait_for_signal()
     finally:
         cluster.stop()

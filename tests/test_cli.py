@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -124,18 +125,25 @@ def test_node_withdraws_its_blocks_on_sigterm(
         swarm.shutdown()
 
 
-def test_cluster_up_writes_ready_file_and_sigterm_stops_every_process(
-    tiny_model: TinyFactory, processes: list[subprocess.Popen[str]], tmp_path: Path
-) -> None:
+def cluster_up(
+    model: Path, nodes: int, tmp_path: Path, processes: list[subprocess.Popen[str]]
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """Run `hivegen cluster up` and return it with its ready file's contents once written."""
     ready = tmp_path / "cluster.json"
     cluster = subprocess.Popen(
-        [*HIVEGEN, "cluster", "up", "--model", str(tiny_model("llama")), "--nodes", "3", "--node-threads", "1",
+        [*HIVEGEN, "cluster", "up", "--model", str(model), "--nodes", str(nodes), "--node-threads", "1",
          "--ready-file", str(ready)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     processes.append(cluster)
     wait_for(ready.exists, timeout=180, what="the cluster's ready file")
-    info = json.loads(ready.read_text())
+    return cluster, json.loads(ready.read_text())
+
+
+def test_cluster_up_writes_ready_file_and_sigterm_stops_every_process(
+    tiny_model: TinyFactory, processes: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    cluster, info = cluster_up(tiny_model("llama"), 3, tmp_path, processes)
     assert info["initial_peers"] and info["initial_peers"][0].startswith("/ip4/127.0.0.1/")
     assert [n["blocks"] for n in info["nodes"]] == [[0, 2], [2, 4], [4, 6]]
     pids = [n["pid"] for n in info["nodes"]]
@@ -153,16 +161,9 @@ def test_cluster_up_writes_ready_file_and_sigterm_stops_every_process(
 def test_nodes_exit_when_the_cluster_process_is_killed(
     tiny_model: TinyFactory, processes: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:
-    ready = tmp_path / "cluster.json"
-    cluster = subprocess.Popen(
-        [*HIVEGEN, "cluster", "up", "--model", str(tiny_model("llama")), "--nodes", "2", "--node-threads", "1",
-         "--ready-file", str(ready)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    processes.append(cluster)
-    wait_for(ready.exists, timeout=180, what="the cluster's ready file")
+    cluster, info = cluster_up(tiny_model("llama"), 2, tmp_path, processes)
     tree = descendants(cluster.pid)
-    assert {n["pid"] for n in json.loads(ready.read_text())["nodes"]} < set(tree)
+    assert {n["pid"] for n in info["nodes"]} < set(tree)
     os.kill(cluster.pid, signal.SIGKILL)
     cluster.wait()
     wait_for(lambda: all(gone(p) for p in tree), timeout=30, what="every orphaned process to exit")

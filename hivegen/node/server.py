@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -17,6 +16,7 @@ import torch
 
 from hivegen import __version__
 from hivegen.dht import Announcer, SpanRecord, node_id, start_dht, visible_maddrs
+from hivegen.files import write_json_atomic
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.span import BlockSpan
 from hivegen.node.servicer import NodeServicer
@@ -135,9 +135,7 @@ class NodeServer:
             "model_key": self.model_key,
             "initial_peers": self.join_addresses(),
         }
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
+        write_json_atomic(path, data)
 
 
 def measure_throughput(span: BlockSpan, steps: int = 3) -> float:
