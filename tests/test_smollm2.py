@@ -64,3 +64,11 @@ def test_cli_generate_streams_the_answer(smollm2: Path, cluster: LocalCluster) -
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_cli_models_prepare_prints_the_checkpoint_dir_last(smollm2: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hivegen", "models", "prepare", "smollm2"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(smollm2)
