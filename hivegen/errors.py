@@ -55,3 +55,12 @@ def format_blocks(blocks: list[int]) -> str:
         if b is not None:
             start = prev = b
     return ", ".join(ranges)
+
+
+class TraceDivergenceError(HivegenError):
+    """A strict trace replay met a call that differs from the recorded one at the same position."""
+
+    def __init__(self, trace: str, index: int, detail: str) -> None:
+        self.trace = trace
+        self.index = index
+        super().__init__(f"trace {trace!r}: call {index} differs from the recording: {detail}")

@@ -112,8 +112,14 @@ class RemoteModelForCausalLM:
         seed: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        generated: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row, one step at a time ([batch] tensors)."""
+        """Yield the next token of every row, one step at a time ([batch] tensors).
+
+        `generated` [batch, k] continues a run that already produced k of the max_new_tokens: one
+        prefill of prompt + those tokens, then sampling resumes at position k exactly as an
+        uninterrupted run would have (the sampler is keyed by seed and position).
+        """
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, length>0], got shape {list(input_ids.shape)}")
         if max_new_tokens < 0:
@@ -127,9 +133,16 @@ class RemoteModelForCausalLM:
         eos = self._eos_ids(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else self.generation_config.pad_token_id
         pad = pad if pad is not None else (eos[0] if eos else 0)
-        if max_new_tokens == 0:
+        self.last_route, self.last_timings = [], []
+        done = 0 if generated is None else int(generated.shape[1])
+        if generated is not None and (generated.ndim != 2 or generated.shape[0] != input_ids.shape[0]):
+            raise ValueError(f"generated must be [batch, k], got shape {list(generated.shape)}")
+        if done >= max_new_tokens:
             return
         batch, prompt_len = input_ids.shape
+        if generated is not None:
+            input_ids = torch.cat([input_ids, generated.to(input_ids.dtype)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(generated, dtype=torch.int64)], dim=1)
         positions = position_ids_from_mask(mask)
         hidden = self.head.embed(input_ids)
         step_mask = mask
@@ -138,7 +151,7 @@ class RemoteModelForCausalLM:
         with self.inference_session(prompt_len + max_new_tokens, batch) as session:
             self.last_route = session.route
             self.last_timings = session.timings
-            for index in range(max_new_tokens):
+            for index in range(done, max_new_tokens):
                 out = session.step(hidden, positions, step_mask)
                 tokens = choose_next(self.head.logits(out), params, index).cpu()
                 if eos:

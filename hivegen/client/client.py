@@ -1,0 +1,226 @@
+"""Client: generations as records. Every generation is committed to a content-addressed store, and
+a request the store can answer (exactly, as a prefix, or by continuing a shorter run) spends no
+more of the swarm's compute than it must."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from hivegen.client.model import RemoteModelForCausalLM
+from hivegen.client.trace import TraceRecorder
+from hivegen.model.checkpoint import ModelCheckpoint
+from hivegen.model.demo import resolve_model_path
+from hivegen.store.backend import ObjectStore
+from hivegen.store.directory import open_store
+from hivegen.store.index import GenerationIndex
+from hivegen.store.records import Generation, GenerationRequest, ModelRef
+
+
+class Client:
+    """Generate through the swarm with records: `generate`, `resample`, `trace`."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        initial_peers: Sequence[str] = (),
+        store: ObjectStore | str | Path | None = None,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        **remote_kwargs: Any,
+    ) -> None:
+        self.path = resolve_model_path(str(model))
+        self.checkpoint = ModelCheckpoint.open(self.path)
+        self.model_ref = ModelRef(self.checkpoint.name, self.checkpoint.digest)
+        self.store = open_store(store)
+        self.index = GenerationIndex(self.store)
+        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.path)
+        self.initial_peers = list(initial_peers)
+        self._remote_kwargs = remote_kwargs
+        self._remote: RemoteModelForCausalLM | None = None  # joined only when the network is needed
+        self._trace: TraceRecorder | None = None
+        try:
+            config = GenerationConfig.from_pretrained(self.path)
+        except OSError:
+            config = GenerationConfig.from_model_config(self.checkpoint.config)
+        eos = config.eos_token_id if eos_token_ids is None else list(eos_token_ids)  # () disables eos
+        self.eos_token_ids: tuple[int, ...] = () if eos is None else tuple([eos] if isinstance(eos, int) else eos)
+
+    @property
+    def remote(self) -> RemoteModelForCausalLM:
+        if self._remote is None:
+            self._remote = RemoteModelForCausalLM.from_pretrained(self.path, self.initial_peers, **self._remote_kwargs)
+        return self._remote
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 32,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> Generation:
+        """Generate (greedy unless a temperature > 0 is given) and commit the record; replay when possible."""
+        request = self.request(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                               stop=stop)  # fmt: skip
+        if self._trace is not None:
+            return self._trace.call(request, self.run_request)
+        return self.run_request(request)
+
+    def request(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> GenerationRequest:
+        """The request `generate` would make (its seed stays None until a run draws one)."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if stop and self.tokenizer is None:
+            raise ValueError(f"stop strings need a tokenizer, and {self.path} has none; pass tokenizer=...")
+        do_sample = temperature is not None and temperature > 0
+        return GenerationRequest(
+            model=self.model_ref,
+            prompt_ids=tuple(self._encode(prompt)),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=float(temperature) if do_sample and temperature is not None else 1.0,
+            top_k=top_k if do_sample else None,
+            top_p=top_p if do_sample else None,
+            seed=seed if do_sample else None,
+            stop=tuple(stop),
+            eos_token_ids=self.eos_token_ids,
+        )
+
+    def resample(
+        self, ref: str, from_token: int, seed: int | None = None, temperature: float | None = None
+    ) -> Generation:
+        """Keep the first `from_token` tokens of generation `ref` and sample the rest anew (one prefill)."""
+        source = self.index.load(ref)
+        if not 0 <= from_token <= len(source.tokens):
+            raise ValueError(f"from_token must be in 0..{len(source.tokens)} (the generation's length)")
+        request = source.request
+        if temperature is not None:
+            request = replace(request, do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0)
+        if not request.do_sample:
+            raise ValueError("resampling a greedy generation gives the same tokens; pass a temperature > 0")
+        request = replace(request, prefix_ids=tuple(source.tokens[:from_token]), seed=seed)
+        return self.run_request(request, parent=source.ref)
+
+    def trace(self, name: str, replay: str | None = None, strict: bool = False) -> TraceRecorder:
+        """Record the generations made inside `with client.trace(name) as t:`; replay a recorded trace."""
+        return TraceRecorder(self, name, replay=replay, strict=strict)
+
+    def run_request(self, request: GenerationRequest, parent: str | None = None) -> Generation:
+        """Answer `request` from the store if it can, else from the swarm; commit and return the record."""
+        if request.do_sample and request.seed is None:
+            request = replace(request, seed=secrets.randbits(63))
+        reuse = self.index.plan(request)
+        if reuse.mode == "replay" and reuse.source is not None:
+            source = reuse.source
+            if source.request_ref == request.ref:
+                return replace(source, replayed=True)
+            record = Generation(request, reuse.tokens, self._text(reuse.tokens, request), reuse.finish_reason,
+                                parent=source.ref, created_at=time.time())  # fmt: skip
+            return replace(self.index.commit(record), replayed=True)
+        if reuse.mode == "continue" and reuse.source is not None:
+            return self.index.commit(self._run(request, reuse.tokens, parent=reuse.source.ref))
+        return self.index.commit(self._run(request, request.prefix_ids, parent=parent))
+
+    def close(self) -> None:
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, request: GenerationRequest, generated: Sequence[int], parent: str | None) -> Generation:
+        remote = self.remote
+        tokens = list(generated)
+        finish = "length"
+        stream = remote.generate_stream(
+            torch.tensor([request.prompt_ids]),
+            max_new_tokens=request.max_new_tokens,
+            do_sample=request.do_sample,
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            seed=request.seed,
+            eos_token_id=list(request.eos_token_ids),
+            generated=torch.tensor([tokens]) if tokens else None,
+        )
+        for token in stream:
+            tokens.append(int(token))
+            if tokens[-1] in request.eos_token_ids:
+                finish = "eos"
+                break
+            if request.stop and self._stop_index(tokens, request) is not None:
+                finish = "stop"
+                break
+        steps = [t.seconds for t in remote.last_timings]
+        positions = len(request.prompt_ids) + len(generated) + max(0, len(steps) - 1)
+        return Generation(
+            request=request,
+            tokens=tuple(tokens),
+            text=self._text(tokens, request),
+            finish_reason=finish,
+            route=tuple(asdict(hop) for hop in remote.last_route),
+            step_seconds=tuple(steps),
+            work={"positions": positions if steps else 0,
+                  "block_positions": (positions if steps else 0) * self.checkpoint.num_blocks},
+            parent=parent,
+            created_at=time.time(),
+        )  # fmt: skip
+
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.path} has no tokenizer: pass the prompt as token ids")
+            return list(self.tokenizer(prompt)["input_ids"])
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def _decode(self, tokens: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+    def _stop_index(self, tokens: Sequence[int], request: GenerationRequest) -> int | None:
+        text = self._decode(tokens)
+        hits = [text.find(s) for s in request.stop if s and s in text]
+        return min(hits) if hits else None
+
+    def _text(self, tokens: Sequence[int], request: GenerationRequest) -> str:
+        """The decoded output, cut before the first stop string."""
+        text = self._decode(tokens)
+        cut = self._stop_index(tokens, request) if request.stop else None
+        return text if cut is None else text[:cut]
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    try:
+        return AutoTokenizer.from_pretrained(path)  # type: ignore[no-any-return]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
