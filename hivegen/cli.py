@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -169,6 +170,104 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_dir(args: argparse.Namespace) -> Path:
+    from hivegen.store import default_store_path
+
+    return Path(args.store).expanduser() if args.store else default_store_path()
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False), flush=True)
+
+
+def cmd_store_ls(args: argparse.Namespace) -> int:
+    from hivegen.store import StoreError, inspect
+
+    store = inspect.open_existing_store(_store_dir(args))
+
+    def skip(ref: str, exc: StoreError) -> None:
+        print(f"hivegen: warning: skipped {ref}: {exc}", file=sys.stderr)
+
+    rows = inspect.list_entries(store, args.kind, on_error=skip)
+    if args.json:
+        _print_json([row.to_json() for row in rows])
+    else:
+        print(inspect.format_listing(rows, store.location), flush=True)
+    return 0
+
+
+def cmd_store_show(args: argparse.Namespace) -> int:
+    from hivegen.store import inspect
+
+    store = inspect.open_existing_store(_store_dir(args))
+    view = inspect.view_object(store, inspect.resolve_ref(store, args.ref))
+    if args.json:
+        _print_json(view.to_json())
+    else:
+        print(inspect.format_view(view), flush=True)
+    return 0
+
+
+def cmd_store_export(args: argparse.Namespace) -> int:
+    from hivegen.store import inspect
+
+    store = inspect.open_existing_store(_store_dir(args))
+    rows = list(inspect.export_rows(store, _prompt_decoder(args.tokenizer) if args.tokenizer else None))
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if not args.output:
+        sys.stdout.write(lines)
+        return 0
+    Path(args.output).write_text(lines, encoding="utf-8")
+    if args.json:
+        _print_json({"exported": len(rows), "output": args.output})
+    else:
+        print(f"exported {len(rows)} generations to {args.output}", flush=True)
+    return 0
+
+
+def _prompt_decoder(spec: str) -> Callable[[Sequence[int]], str]:
+    """Decode prompt ids with the tokenizer of a checkpoint directory or demo model (special tokens kept)."""
+    from transformers import AutoTokenizer
+
+    from hivegen.errors import ModelLoadError
+
+    path = _model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(
+            f"cannot load a tokenizer from {path}: {exc}; pass a checkpoint with tokenizer files"
+        ) from exc
+
+    def decode(ids: Sequence[int]) -> str:
+        return str(tokenizer.decode(list(ids)))
+
+    return decode
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    from hivegen.store import inspect
+
+    report = inspect.verify(inspect.open_existing_store(_store_dir(args)))
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(inspect.format_verify(report), flush=True)
+    return 1 if report.corrupt else 0
+
+
+def cmd_store_gc(args: argparse.Namespace) -> int:
+    from hivegen.store import collect_garbage, inspect
+
+    report = collect_garbage(inspect.open_existing_store(_store_dir(args)), dry_run=args.dry_run)
+    if args.json:
+        _print_json({"kept": report.kept, "removed": report.removed, "dry_run": args.dry_run})
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"kept {report.kept} objects, {verb} {len(report.removed)}", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hivegen", description="Share GPUs for LLM inference, or generate on them.")
     parser.add_argument("--version", action="version", version=f"hivegen {__version__}")
@@ -222,6 +321,31 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("name", help="demo model name, e.g. smollm2")
     prepare.add_argument("--force", action="store_true", help="convert again even if already prepared")
     prepare.set_defaults(handler=cmd_models_prepare)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store", metavar="DIR", help="store directory (default: $HIVEGEN_STORE, else ~/.hivegen/store)"
+    )
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    store = commands.add_parser("store", help="inspect the store of recorded generations").add_subparsers(
+        dest="store_cmd", required=True
+    )
+    ls = store.add_parser("ls", parents=[common], help="list generations (newest first) and traces")
+    ls.add_argument("--kind", choices=["generation", "trace", "all"], default="all")
+    ls.set_defaults(handler=cmd_store_ls)
+    show = store.add_parser("show", parents=[common], help="print one object: a generation, a trace, ...")
+    show.add_argument("ref", help="a full ref, or a unique prefix of at least 6 hex characters")
+    show.set_defaults(handler=cmd_store_show)
+    export = store.add_parser("export", parents=[common], help="write every generation as one JSON line")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.add_argument("--output", metavar="FILE", help="write here instead of stdout")
+    export.add_argument("--tokenizer", metavar="DIR", help="checkpoint or demo model whose tokenizer decodes prompts")
+    export.set_defaults(handler=cmd_store_export)
+    verify = store.add_parser("verify", parents=[common], help="re-hash every object; exit 1 if any is corrupt")
+    verify.set_defaults(handler=cmd_store_verify)
+    gc = store.add_parser("gc", parents=[common], help="remove objects no pointer reaches")
+    gc.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+    gc.set_defaults(handler=cmd_store_gc)
     return parser
 
 

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check hivegen tests benchmarks scripts
-.venv/bin/ruff format --check hivegen tests benchmarks scripts
+.venv/bin/ruff check hivegen tests benchmarks scripts examples
+.venv/bin/ruff format --check hivegen tests benchmarks scripts examples
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"

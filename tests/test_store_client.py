@@ -3,6 +3,8 @@ continuation equivalence under sampling, resampling and traces. Node work is rea
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -14,7 +16,8 @@ from hivegen.client.client import Client
 from hivegen.cluster import LocalCluster
 from hivegen.errors import TraceDivergenceError
 from hivegen.proto import node_pb2, node_pb2_grpc
-from hivegen.store import MemoryStore, open_store
+from hivegen.store import DirectoryStore, MemoryStore, open_store
+from hivegen.store.index import GenerationIndex
 from tests.conftest import ClusterFactory, TinyFactory
 
 PROMPT = [5, 17, 99, 42, 7, 128, 64, 3]
@@ -164,3 +167,40 @@ def test_strict_replay_names_the_first_call_that_differs(model_path: Path, clust
             c.generate(PROMPT, max_new_tokens=3)
             c.generate(PROMPT, max_new_tokens=5)
     assert info.value.index == 1 and "max_new_tokens" in str(info.value)
+
+
+WRITER = """
+import sys
+from hivegen.client.client import Client
+model, store, peers, index = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4])
+with Client(model, peers, store=store, eos_token_ids=()) as c:
+    for n in range(3):
+        print(c.generate([7, index, n, 11], max_new_tokens=4).ref, flush=True)
+"""
+
+
+def test_processes_generating_into_one_store_directory_lose_nothing(
+    model_path: Path, cluster: LocalCluster, tmp_path: Path
+) -> None:
+    store_dir = tmp_path / "shared-store"
+    peers = ",".join(cluster.initial_peers)
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(model_path), str(store_dir), peers, str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    refs = []
+    for writer in writers:
+        out, err = writer.communicate(timeout=240)
+        assert writer.returncode == 0, err
+        refs += out.split()
+    store = DirectoryStore(store_dir)
+    index = GenerationIndex(store)
+    assert len(set(refs)) == 9
+    assert {index.load(ref).request.prompt_ids[1:3] for ref in refs} == {(i, n) for i in range(3) for n in range(3)}
+    assert all(index.find(index.load(ref).request).ref == ref for ref in refs)
+    assert store.verify() == []
