@@ -127,7 +127,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, BatchEncoding, TextStreamer
 
-    from hivegen.client import RemoteModelForCausalLM
+    from hivegen.client import Client
 
     path = _model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -148,17 +148,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with RemoteModelForCausalLM.from_pretrained(path, initial_peers=args.initial_peers) as model:
-        model.generate(
-            input_ids,
+    with Client(path, args.initial_peers, store=args.store, tokenizer=tokenizer) as client:
+        generation = client.generate(
+            input_ids[0].tolist(),
             max_new_tokens=args.max_new_tokens,
-            streamer=streamer,
-            seed=args.seed,
-            do_sample=(args.temperature is not None and args.temperature > 0) or None,
-            temperature=args.temperature or None,
+            temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
+            seed=args.seed,
+            streamer=streamer,
         )
+    source = "replayed from the store" if generation.replayed else f"{len(generation.step_seconds)} network steps"
+    print(f"[{generation.finish_reason}; {source}; ref {generation.ref[:16]}]", file=sys.stderr, flush=True)
     return 0
 
 
@@ -312,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
+    gen.add_argument("--store", help="record the generation here (default: $HIVEGEN_STORE, else ~/.hivegen/store)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                      help="wrap the prompt in the tokenizer's chat template (default: if it has one)")  # fmt: skip
     gen.set_defaults(handler=cmd_generate)

@@ -56,14 +56,17 @@ def test_greedy_answer_matches_transformers_token_for_token(smollm2: Path, clust
     assert "Paris" in answer
 
 
-def test_cli_generate_streams_the_answer(smollm2: Path, cluster: LocalCluster) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "hivegen", "generate", "--model", str(smollm2), "--initial-peers",
-         *cluster.initial_peers, "--prompt", QUESTION, "--max-new-tokens", "12"],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
+def test_cli_generate_streams_the_answer_and_replays_it(smollm2: Path, cluster: LocalCluster, tmp_path: Path) -> None:
+    command = [
+        *(sys.executable, "-m", "hivegen", "generate", "--model", str(smollm2), "--store", str(tmp_path)),
+        *("--initial-peers", *cluster.initial_peers, "--prompt", QUESTION, "--max-new-tokens", "12"),
+    ]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert first.returncode == 0, first.stderr
+    assert "Paris" in first.stdout and "network steps" in first.stderr
+    again = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout and "replayed from the store" in again.stderr
 
 
 def test_cli_models_prepare_prints_the_checkpoint_dir_last(smollm2: Path) -> None:

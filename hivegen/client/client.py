@@ -4,6 +4,7 @@ more of the swarm's compute than it must."""
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from hivegen.client.model import RemoteModelForCausalLM
+from hivegen.client.model import RemoteModelForCausalLM, Streamer
 from hivegen.client.trace import TraceRecorder
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.demo import resolve_model_path
@@ -70,13 +71,23 @@ class Client:
         top_p: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        streamer: Streamer | None = None,
     ) -> Generation:
-        """Generate (greedy unless a temperature > 0 is given) and commit the record; replay when possible."""
+        """Generate (greedy unless a temperature > 0 is given) and commit the record; replay when possible.
+
+        `streamer` (transformers' protocol) gets the prompt, then each token as it is chosen or replayed.
+        """
         request = self.request(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                stop=stop)  # fmt: skip
-        if self._trace is not None:
-            return self._trace.call(request, self.run_request)
-        return self.run_request(request)
+        if streamer is not None:
+            streamer.put(torch.tensor([request.prompt_ids]))
+        run = functools.partial(self.run_request, streamer=streamer)
+        generation = self._trace.call(request, run) if self._trace is not None else run(request)
+        if streamer is not None:
+            if generation.replayed:
+                streamer.put(torch.tensor(generation.tokens))
+            streamer.end()
+        return generation
 
     def request(
         self,
@@ -127,7 +138,9 @@ class Client:
         """Record the generations made inside `with client.trace(name) as t:`; replay a recorded trace."""
         return TraceRecorder(self, name, replay=replay, strict=strict)
 
-    def run_request(self, request: GenerationRequest, parent: str | None = None) -> Generation:
+    def run_request(
+        self, request: GenerationRequest, parent: str | None = None, streamer: Streamer | None = None
+    ) -> Generation:
         """Answer `request` from the store if it can, else from the swarm; commit and return the record."""
         if request.do_sample and request.seed is None:
             request = replace(request, seed=secrets.randbits(63))
@@ -140,8 +153,8 @@ class Client:
                                 parent=source.ref, created_at=time.time())  # fmt: skip
             return replace(self.index.commit(record), replayed=True)
         if reuse.mode == "continue" and reuse.source is not None:
-            return self.index.commit(self._run(request, reuse.tokens, parent=reuse.source.ref))
-        return self.index.commit(self._run(request, request.prefix_ids, parent=parent))
+            return self.index.commit(self._run(request, reuse.tokens, reuse.source.ref, streamer))
+        return self.index.commit(self._run(request, request.prefix_ids, parent, streamer))
 
     def close(self) -> None:
         if self._remote is not None:
@@ -154,9 +167,13 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, request: GenerationRequest, generated: Sequence[int], parent: str | None) -> Generation:
+    def _run(
+        self, request: GenerationRequest, generated: Sequence[int], parent: str | None, streamer: Streamer | None
+    ) -> Generation:
         remote = self.remote
         tokens = list(generated)
+        if streamer is not None and tokens:
+            streamer.put(torch.tensor(tokens))
         finish = "length"
         stream = remote.generate_stream(
             torch.tensor([request.prompt_ids]),
@@ -171,6 +188,8 @@ class Client:
         )
         for token in stream:
             tokens.append(int(token))
+            if streamer is not None:
+                streamer.put(token)
             if tokens[-1] in request.eos_token_ids:
                 finish = "eos"
                 break
