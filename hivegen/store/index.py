@@ -2,7 +2,8 @@
 
 Pointers (namespace: key -> value):
 - `requests`: request ref -> generation ref (exact replay)
-- `stems`: "<stem>-<generation ref>" -> generation ref (every output of a request, whatever its max_new_tokens)
+- `stem-<first 58 hex of the stem>`: generation ref -> generation ref, one namespace per stem (every output
+  of a request whatever its max_new_tokens), so a look-up reads only that request's outputs
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from hivegen.store.backend import ObjectStore, StoreError
 from hivegen.store.records import GENERATION_KIND, REQUEST_KIND, Generation, GenerationRequest
 
 REQUESTS = "requests"
-STEMS = "stems"
+STEM_PREFIX = "stem-"
+
+
+def stem_namespace(stem: str) -> str:
+    """The pointer namespace of a stem (namespaces are at most 64 characters; 58 hex digits are 232 bits)."""
+    return STEM_PREFIX + stem[:58]
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,7 @@ class GenerationIndex:
         self.store.put(generation.request.encode())
         ref = self.store.put(generation.encode())
         self.store.set_pointer(REQUESTS, generation.request_ref, ref)
-        self.store.set_pointer(STEMS, f"{generation.request.stem}-{ref}", ref)
+        self.store.set_pointer(stem_namespace(generation.request.stem), ref, ref)
         return replace(generation, ref=ref)
 
     def load(self, ref: str) -> Generation:
@@ -52,8 +58,16 @@ class GenerationIndex:
         return self.load(ref) if ref else None
 
     def same_stem(self, request: GenerationRequest) -> list[Generation]:
-        prefix = f"{request.stem}-"
-        return [self.load(ref) for key, ref in self.store.list_pointers(STEMS).items() if key.startswith(prefix)]
+        stored = [self.load(ref) for ref in self.store.list_pointers(stem_namespace(request.stem)).values()]
+        return [g for g in stored if g.request.stem == request.stem]
+
+    def all_refs(self) -> set[str]:
+        """Every indexed generation's ref."""
+        refs = set(self.store.list_pointers(REQUESTS).values())
+        for namespace in self.store.namespaces():
+            if namespace.startswith(STEM_PREFIX):
+                refs |= set(self.store.list_pointers(namespace).values())
+        return refs
 
     def plan(self, request: GenerationRequest) -> Reuse:
         """The cheapest way to answer `request` from what is stored."""

@@ -16,7 +16,7 @@ from typing import Any
 from hivegen.store.backend import CorruptObjectError, InvalidNameError, ObjectStore, StoreError
 from hivegen.store.directory import DirectoryStore
 from hivegen.store.encoding import EncodingError, is_ref
-from hivegen.store.index import REQUESTS, STEMS, GenerationIndex
+from hivegen.store.index import GenerationIndex
 from hivegen.store.records import GENERATION_KIND, TRACE_KIND, Generation
 
 # The pointer namespace hivegen.client.trace.TRACES writes (that module imports torch, so it is not imported here).
@@ -138,8 +138,8 @@ def open_existing_store(path: str | Path) -> DirectoryStore:
 
 def generations(store: ObjectStore, on_error: OnError | None = None) -> list[Generation]:
     """Every indexed generation, oldest first; an unreadable one raises, or goes to `on_error` and is skipped."""
-    refs = set(store.list_pointers(REQUESTS).values()) | set(store.list_pointers(STEMS).values())
     index = GenerationIndex(store)
+    refs = index.all_refs()
     found: list[Generation] = []
     for ref in sorted(r for r in refs if is_ref(r)):
         try:
