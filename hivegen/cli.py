@@ -348,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     gc = store.add_parser("gc", parents=[common], help="remove objects no pointer reaches")
     gc.add_argument("--dry-run", action="store_true", help="only report what would be removed")
     gc.set_defaults(handler=cmd_store_gc)
+    from hivegen.credits.cli import add_commands as add_credit_commands
+
+    add_credit_commands(commands)
     return parser
 
 

@@ -64,3 +64,40 @@ class TraceDivergenceError(HivegenError):
         self.trace = trace
         self.index = index
         super().__init__(f"trace {trace!r}: call {index} differs from the recording: {detail}")
+
+
+class CreditsError(HivegenError):
+    """Base class of the credit ledger's errors: identities, receipts and the journal."""
+
+
+class InsufficientCredits(CreditsError):
+    """A client's balance does not cover the cost of the work it asked for."""
+
+    def __init__(self, account: str, balance: int, needed: int) -> None:
+        self.account = account
+        self.balance = balance
+        self.needed = needed
+        super().__init__(
+            f"account {account} has {balance} credits but this step costs {needed}; "
+            "earn credits by serving blocks with `hivegen node serve`"
+        )
+
+
+class ForgedReceiptError(CreditsError):
+    """A receipt failed verification; `reason` is bad-signature, wrong-signer, session-owner or malformed."""
+
+    REASONS = ("bad-signature", "wrong-signer", "session-owner", "malformed")
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown forged-receipt reason {reason!r}; use one of {self.REASONS}")
+        self.reason = reason
+        super().__init__(f"receipt rejected ({reason})" + (f": {detail}" if detail else ""))
+
+
+class JournalError(CreditsError):
+    """The credit journal's hash chain or its replay disagrees with the stored state; `row` names where."""
+
+    def __init__(self, row: int, detail: str) -> None:
+        self.row = row
+        super().__init__(f"credit journal fails verification at row {row}: {detail}")

@@ -33,7 +33,10 @@ def assert_round_trip(tensor: torch.Tensor) -> None:
 
 def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
     written = load_gen_proto().generate(out_dir=tmp_path)
-    assert sorted(p.name for p in written) == ["node_pb2.py", "node_pb2_grpc.py"]
+    stems = sorted(p.stem for p in PROTO_DIR.glob("*.proto"))
+    assert sorted(p.name for p in written) == sorted(
+        [f"{s}_pb2.py" for s in stems] + [f"{s}_pb2_grpc.py" for s in stems]
+    )
     for path in written:
         assert path.read_bytes() == (PROTO_DIR / path.name).read_bytes(), (
             f"{path.name} is stale: run `python scripts/gen_proto.py`"
@@ -42,7 +45,7 @@ def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
 
 def test_committed_type_stubs_match_the_proto(tmp_path: Path) -> None:
     written = load_gen_proto().generate_type_stubs(out_dir=tmp_path)
-    assert sorted(p.name for p in written) == ["node_pb2.pyi"]
+    assert sorted(p.name for p in written) == sorted(f"{p.stem}_pb2.pyi" for p in PROTO_DIR.glob("*.proto"))
     for path in written:
         assert path.read_bytes() == (PROTO_DIR / path.name).read_bytes(), (
             f"{path.name} is stale: run `python scripts/gen_proto.py`"

@@ -2,15 +2,19 @@
 
 from hivegen.dht.announce import Announcer, announce_span, withdraw_span
 from hivegen.dht.lookup import fetch_spans, missing_blocks
+from hivegen.dht.models import ModelInfo, announce_model, fetch_models
 from hivegen.dht.records import SpanRecord, block_key
 from hivegen.dht.swarm import SwarmError, node_id, start_dht, visible_maddrs
 
 __all__ = [
     "Announcer",
+    "ModelInfo",
     "SpanRecord",
     "SwarmError",
+    "announce_model",
     "announce_span",
     "block_key",
+    "fetch_models",
     "fetch_spans",
     "missing_blocks",
     "node_id",

@@ -12,6 +12,7 @@ from typing import Any
 import hivemind
 from hivemind.utils import get_dht_time
 
+from hivegen.dht.models import ModelInfo, announce_model
 from hivegen.dht.records import SpanRecord, block_key
 from hivegen.dht.swarm import SwarmError, run_on_dht
 
@@ -53,12 +54,14 @@ class Announcer:
         get_record: Callable[[], SpanRecord],
         ttl: float = 30.0,
         period: float | None = None,
+        model: ModelInfo | None = None,
     ) -> None:
         if ttl <= 0:
             raise ValueError(f"ttl must be positive, got {ttl}")
         self.dht = dht
         self.model_key = model_key
         self.get_record = get_record  # called at every refresh, so free cache and throughput stay current
+        self.model = model  # also kept registered in the swarm's model registry
         self.ttl = ttl
         self.period = period if period is not None else ttl / 3
         if not 0 < self.period < ttl:
@@ -102,6 +105,8 @@ class Announcer:
         try:
             record = self.get_record()
             announce_span(self.dht, self.model_key, record, self.ttl)
+            if self.model is not None:
+                announce_model(self.dht, self.model, self.ttl)
         except Exception as e:
             logger.warning("announcing %s failed (retrying in %.1fs): %s", self.model_key, self.period, e)
             return

@@ -15,7 +15,7 @@ import hivemind
 import torch
 
 from hivegen import __version__
-from hivegen.dht import Announcer, SpanRecord, node_id, start_dht, visible_maddrs
+from hivegen.dht import Announcer, ModelInfo, SpanRecord, node_id, start_dht, visible_maddrs
 from hivegen.files import write_json_atomic
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.span import BlockSpan
@@ -82,7 +82,8 @@ class NodeServer:
             raise OSError(f"cannot bind gRPC on {cfg.host}:{cfg.port}; is the port taken?")
         self.server.start()
         self.address = f"{cfg.host}:{port}"
-        self.announcer = Announcer(self.dht, self.model_key, self.record, ttl=cfg.announce_ttl)
+        model = ModelInfo(self.model_key, checkpoint.name, checkpoint.num_blocks)
+        self.announcer = Announcer(self.dht, self.model_key, self.record, ttl=cfg.announce_ttl, model=model)
         self.announcer.start()
         if cfg.ready_file is not None:
             self._write_ready_file(cfg.ready_file)

@@ -1,0 +1,95 @@
+"""A coordinator: the swarm's DHT bootstrap peer, the credit ledger over gRPC, and an HTTP status page."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import hivemind
+
+from hivegen.coordinator.ledger_service import LedgerServicer
+from hivegen.coordinator.status import StatusServer, leaderboard, swarm_status
+from hivegen.credits.ledger import Ledger
+from hivegen.dht import start_dht, visible_maddrs
+from hivegen.files import write_json_atomic
+from hivegen.proto import ledger_pb2_grpc
+from hivegen.proto.options import grpc_options
+
+logger = logging.getLogger(__name__)
+LEDGER_FILE = "ledger.sqlite"
+
+
+@dataclass
+class CoordinatorConfig:
+    """Everything `hivegen coordinator serve` takes."""
+
+    data: Path  # directory of the ledger database (SQLite, WAL mode)
+    host: str = "127.0.0.1"  # address the services bind and announce
+    port: int = 0  # ledger gRPC port (0: any free port)
+    dht_port: int = 0  # DHT bootstrap port (0: any free port)
+    http_port: int = 0  # status page port (0: any free port)
+    starter_grant: int = 10_000  # credits every new account receives once
+    ready_file: Path | None = None  # written as JSON once every service is up
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.dht: hivemind.DHT | None = None
+        self.ledger: Ledger | None = None
+        self.server: grpc.Server | None = None
+        self.status: StatusServer | None = None
+        self.address = ""
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        cfg = self.config
+        # The DHT forks a process: start it before any gRPC object exists.
+        self.dht = start_dht(host=cfg.host, port=cfg.dht_port)
+        cfg.data.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(cfg.data / LEDGER_FILE, starter_grant=cfg.starter_grant)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=grpc_options())
+        ledger_pb2_grpc.add_LedgerServicer_to_server(LedgerServicer(self.ledger), self.server)
+        port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if port == 0:
+            raise OSError(f"cannot bind the ledger service on {cfg.host}:{cfg.port}; is the port taken?")
+        self.server.start()
+        self.address = f"{cfg.host}:{port}"
+        dht, ledger = self.dht, self.ledger
+        self.status = StatusServer(
+            cfg.host, cfg.http_port, {"/status": lambda: swarm_status(dht), "/leaderboard": lambda: leaderboard(ledger)}
+        )
+        self.status.start()
+        if cfg.ready_file is not None:
+            write_json_atomic(cfg.ready_file, self.info())
+
+    @property
+    def status_url(self) -> str:
+        return f"http://{self.status.address}" if self.status else ""
+
+    def info(self) -> dict[str, object]:
+        return {
+            "pid": os.getpid(),
+            "coordinator": self.address,
+            "status_url": self.status_url,
+            "initial_peers": visible_maddrs(self.dht) if self.dht else [],
+        }
+
+    def stop(self) -> None:
+        """Stop serving; the ledger is closed last so in-flight submissions finish. Idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.status is not None:
+            self.status.stop()
+        if self.server is not None:
+            self.server.stop(grace=2.0).wait(5.0)
+        if self.ledger is not None:
+            self.ledger.close()
+        if self.dht is not None:
+            self.dht.shutdown()

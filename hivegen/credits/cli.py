@@ -1,0 +1,171 @@
+"""`hivegen identity`, `hivegen credits ...` and `hivegen coordinator serve`: argument parsing and printing."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+COORDINATOR_ENV = "HIVEGEN_COORDINATOR"
+
+
+def _coordinator(args: argparse.Namespace) -> str:
+    from hivegen.errors import HivegenError
+
+    address = args.coordinator or os.environ.get(COORDINATOR_ENV)
+    if not address:
+        raise HivegenError(f"no coordinator: pass --coordinator HOST:PORT or set {COORDINATOR_ENV}")
+    return str(address)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text, flush=True)
+
+
+def _when(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    from hivegen.credits.identity import Identity
+
+    identity = Identity.load_or_create(Path(args.path) if args.path else None)
+    data = {"account": identity.account, "public_key": identity.public_key_hex}
+    _emit(args, data, f"account:    {identity.account}\npublic key: {identity.public_key_hex}")
+    return 0
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    from hivegen.coordinator.client import LedgerClient
+    from hivegen.credits.identity import Identity
+
+    account = args.account or Identity.load_or_create().account
+    with LedgerClient(_coordinator(args)) as ledger:
+        reply = ledger.balance(account)
+    data = {"account": account, "balance": reply.balance, "known": reply.known}
+    _emit(args, data, f"{account}: {reply.balance} credits" + ("" if reply.known else " (no such account yet)"))
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from hivegen.coordinator.client import LedgerClient
+
+    with LedgerClient(_coordinator(args)) as ledger:
+        entries = ledger.history(args.account or "", args.limit)
+    rows: list[dict[str, Any]] = [
+        {
+            "row": e.row,
+            "at": e.at,
+            "kind": e.kind,
+            "from": e.src,
+            "to": e.dst,
+            "amount": e.amount,
+            "session_id": e.session_id,
+            "seq": e.seq,
+        }
+        for e in entries
+    ]
+    lines = [f"{'ROW':>6}  {'TIME (UTC)':<19}  {'KIND':<8}  {'FROM':<42}  {'TO':<42}  {'AMOUNT':>10}"]
+    lines += [
+        f"{r['row']:>6}  {_when(r['at']):<19}  {r['kind']:<8}  {r['from']:<42}  {r['to']:<42}  {r['amount']:>10}"
+        for r in rows
+    ]
+    _emit(args, rows, "\n".join(lines) if rows else "no transfers yet")
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from hivegen.coordinator.client import LedgerClient
+
+    with LedgerClient(_coordinator(args)) as ledger:
+        entries = ledger.top(args.limit)
+    rows = [{"account": e.account, "earned": e.earned} for e in entries]
+    lines = [f"{'#':>3}  {'ACCOUNT':<42}  {'EARNED':>12}"]
+    lines += [f"{i:>3}  {r['account']:<42}  {r['earned']:>12}" for i, r in enumerate(rows, 1)]
+    _emit(args, rows, "\n".join(lines) if rows else "nobody has earned credits yet")
+    return 0
+
+
+def cmd_verify_journal(args: argparse.Namespace) -> int:
+    from hivegen.coordinator.client import LedgerClient
+
+    with LedgerClient(_coordinator(args)) as ledger:
+        reply = ledger.verify_journal()
+    data = {"ok": reply.ok, "bad_row": reply.bad_row if not reply.ok else None, "message": reply.message}
+    _emit(args, data, reply.message if reply.ok else f"journal check FAILED at row {reply.bad_row}: {reply.message}")
+    return 0 if reply.ok else 1
+
+
+def cmd_coordinator_serve(args: argparse.Namespace) -> int:
+    from hivegen.cli import _tie_process_tree, _wait_for_signal
+    from hivegen.coordinator.server import Coordinator, CoordinatorConfig
+
+    _tie_process_tree()
+    coordinator = Coordinator(
+        CoordinatorConfig(
+            data=Path(args.data).expanduser(),
+            host=args.host,
+            port=args.port,
+            dht_port=args.dht_port,
+            http_port=args.http_port,
+            starter_grant=args.starter_grant,
+            ready_file=Path(args.ready_file) if args.ready_file else None,
+        )
+    )
+    try:
+        coordinator.start()
+        info = coordinator.info()
+        print(
+            f"hivegen coordinator: ledger at {info['coordinator']}, status at {info['status_url']}/status", flush=True
+        )
+        print("nodes and clients join the swarm with:", flush=True)
+        print("  --initial-peers " + " ".join(info["initial_peers"]), flush=True)  # type: ignore[arg-type]
+        _wait_for_signal()
+    finally:
+        coordinator.stop()
+    print("hivegen coordinator: stopped", flush=True)
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register `identity`, `credits` and `coordinator` on the top-level parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--coordinator", metavar="HOST:PORT", help=f"the ledger (default: ${COORDINATOR_ENV})")
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    identity = commands.add_parser("identity", help="create or show this machine's Ed25519 identity (account)")
+    identity.add_argument("--path", help="key file (default: $HIVEGEN_HOME/identity, else ~/.hivegen/identity)")
+    identity.add_argument("--json", action="store_true", help="print JSON instead of text")
+    identity.set_defaults(handler=cmd_identity)
+
+    credits = commands.add_parser("credits", help="credit balances and the ledger").add_subparsers(
+        dest="credits_cmd", required=True
+    )
+    balance = credits.add_parser("balance", parents=[common], help="an account's balance (default: yours)")
+    balance.add_argument("account", nargs="?")
+    balance.set_defaults(handler=cmd_balance)
+    history = credits.add_parser("history", parents=[common], help="recent transfers, newest first")
+    history.add_argument("account", nargs="?")
+    history.add_argument("--limit", type=int, default=20)
+    history.set_defaults(handler=cmd_history)
+    top = credits.add_parser("top", parents=[common], help="the accounts that earned most")
+    top.add_argument("--limit", type=int, default=10)
+    top.set_defaults(handler=cmd_top)
+    verify = credits.add_parser("verify-journal", parents=[common], help="re-check the journal's hash chain")
+    verify.set_defaults(handler=cmd_verify_journal)
+
+    coordinator = commands.add_parser("coordinator", help="the swarm's coordinator").add_subparsers(
+        dest="coordinator_cmd", required=True
+    )
+    serve = coordinator.add_parser("serve", help="DHT bootstrap peer + credit ledger + HTTP status page")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0, help="ledger gRPC port (0: any free port)")
+    serve.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
+    serve.add_argument("--http-port", type=int, default=0, help="status page port (0: any free port)")
+    serve.add_argument("--data", default=str(Path.home() / ".hivegen" / "coordinator"), help="ledger directory")
+    serve.add_argument("--starter-grant", type=int, default=10_000, help="credits each new account gets once")
+    serve.add_argument("--ready-file", help="write JSON here once serving")
+    serve.set_defaults(handler=cmd_coordinator_serve)
