@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -41,12 +41,13 @@ def _model_path(spec: str) -> Path:
 
 
 def _wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM."""
-    stop = threading.Event()
+    """Block until SIGINT or SIGTERM. The handler only flips a flag: handlers may re-enter (several
+    signals in a row), and taking a lock there, as threading.Event.set does, can deadlock."""
+    received: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    while not received:
+        time.sleep(0.2)
 
 
 def _set_parent_death_signal(sig: int) -> None:
@@ -108,13 +109,17 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     from hivegen.cluster import LocalCluster
 
     cluster = LocalCluster(_model_path(args.model), nodes=args.nodes, host=args.host, dtype=args.dtype,
-                           node_threads=args.node_threads)  # fmt: skip
-    print(f"starting a DHT bootstrap peer and {len(cluster.spans)} nodes for {cluster.model_key} ...", flush=True)
+                           node_threads=args.node_threads, coordinator=True,
+                           starter_grant=args.starter_grant)  # fmt: skip
+    print(f"starting a coordinator and {len(cluster.spans)} nodes for {cluster.model_key} ...", flush=True)
     try:
         cluster.start()
         for node in cluster.nodes:
             print(f"node pid {node.pid}: blocks {node.blocks[0]}:{node.blocks[1]} at {node.address}", flush=True)
         print(f"ready in {cluster.ready_seconds:.1f} s; initial peers: {' '.join(cluster.initial_peers)}", flush=True)
+        if cluster.coordinator is not None:
+            status = f"{cluster.coordinator.status_url}/status"
+            print(f"coordinator (ledger) at {cluster.coordinator.address}; swarm status at {status}", flush=True)
         if args.ready_file:
             write_json_atomic(args.ready_file, cluster.info())
         _wait_for_signal()
@@ -301,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     up.add_argument("--node-threads", type=int, default=0, help="torch threads per node (0: cores / nodes)")
+    up.add_argument("--starter-grant", type=int, help="credits each new account gets once (coordinator)")
     up.add_argument("--ready-file", help="write JSON (initial_peers, nodes) here once every block is announced")
     up.set_defaults(handler=cmd_cluster_up)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import hivemind
 
+from hivegen.coordinator.server import Coordinator, CoordinatorConfig
 from hivegen.dht import fetch_spans, missing_blocks, start_dht, visible_maddrs
 from hivegen.errors import HivegenError
 from hivegen.model.checkpoint import ModelCheckpoint
@@ -77,6 +78,8 @@ class LocalCluster:
         work_dir: str | Path | None = None,
         node_args: list[str] | None = None,
         startup_timeout: float = 300.0,
+        coordinator: bool = False,
+        starter_grant: int | None = None,
     ) -> None:
         self.model = Path(model)
         checkpoint = ModelCheckpoint.open(self.model)
@@ -91,6 +94,10 @@ class LocalCluster:
         self.node_args = node_args or []
         self.startup_timeout = startup_timeout
         self.dht: hivemind.DHT | None = None
+        # With a coordinator, its DHT peer is the bootstrap and its ledger and status page run here too.
+        self.with_coordinator = coordinator
+        self.starter_grant = starter_grant
+        self.coordinator: Coordinator | None = None
         self.nodes: list[ClusterNode] = []
         self.started_at = 0.0
         self.ready_seconds = 0.0
@@ -103,7 +110,12 @@ class LocalCluster:
         """Start every process and return once every block is announced; on failure stop them all."""
         self.started_at = time.monotonic()
         try:
-            self.dht = start_dht(host=self.host)
+            if self.with_coordinator:
+                self.coordinator = Coordinator(self._coordinator_config())
+                self.coordinator.start()
+                self.dht = self.coordinator.dht
+            else:
+                self.dht = start_dht(host=self.host)
             for start, end in self.spans:
                 self.nodes.append(self.spawn_node(start, end))
             self.wait_ready()
@@ -160,9 +172,19 @@ class LocalCluster:
         what = f"nodes {[n.blocks for n in pending]} never became ready" if pending else f"blocks {missing} unannounced"
         raise ClusterError(f"cluster not ready after {self.startup_timeout:.0f} s: {what}; see logs in {self.work_dir}")
 
+    def _coordinator_config(self) -> CoordinatorConfig:
+        config = CoordinatorConfig(data=self.work_dir / "coordinator", host=self.host)
+        if self.starter_grant is not None:
+            config.starter_grant = self.starter_grant
+        return config
+
     def info(self) -> dict[str, Any]:
-        """The ready-file contents: how to join, and each node's pid, blocks and address."""
+        """The ready-file contents: how to join, each node's pid, blocks and address, and the coordinator."""
+        extra = {}
+        if self.coordinator is not None:
+            extra = {"coordinator": self.coordinator.address, "status_url": self.coordinator.status_url}
         return {
+            **extra,
             "initial_peers": self.initial_peers,
             "model_key": self.model_key,
             "nodes": [
@@ -194,9 +216,12 @@ class LocalCluster:
                 logger.warning("node pid %d ignored SIGTERM; killing it", node.pid)
                 node.process.kill()
                 node.process.wait()
-        if self.dht is not None:
+        if self.coordinator is not None:
+            self.coordinator.stop()  # shuts its DHT peer down too
+            self.coordinator = None
+        elif self.dht is not None:
             self.dht.shutdown()
-            self.dht = None
+        self.dht = None
 
     def __enter__(self) -> LocalCluster:
         return self.start()

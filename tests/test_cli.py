@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,9 @@ def test_cluster_up_writes_ready_file_and_sigterm_stops_every_process(
 ) -> None:
     cluster, info = cluster_up(tiny_model("llama"), 3, tmp_path, processes)
     assert info["initial_peers"] and info["initial_peers"][0].startswith("/ip4/127.0.0.1/")
+    with urllib.request.urlopen(info["status_url"] + "/status", timeout=10) as reply:  # the cluster's coordinator
+        (model,) = json.load(reply)["models"]
+    assert model["covered"] and len(model["nodes"]) == 3 and info["coordinator"].startswith("127.0.0.1:")
     assert [n["blocks"] for n in info["nodes"]] == [[0, 2], [2, 4], [4, 6]]
     pids = [n["pid"] for n in info["nodes"]]
     assert all(psutil.pid_exists(p) and not gone(p) for p in pids)
