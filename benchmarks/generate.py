@@ -29,7 +29,6 @@ import itertools
 import json
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
@@ -40,13 +39,11 @@ from typing import Any
 import psutil
 import torch
 import transformers
+from common import resolve_model, run_script
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from hivegen.client import RemoteModelForCausalLM
 from hivegen.cluster import LocalCluster
-from hivegen.errors import ModelLoadError
-from hivegen.model.demo import prepare_model, resolve_model_path
-from hivegen.model.tiny import make_tiny_checkpoint
 
 MIB = 1 << 20
 
@@ -67,17 +64,6 @@ class _Clock:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
-
-
-def resolve_model(spec: str, tmp: Path) -> Path:
-    if spec == "tiny-llama":  # like Petals' reference figure: a tiny random 8-layer Llama
-        return make_tiny_checkpoint("llama", tmp / "tiny-llama", num_layers=8)
-    if spec == "smollm2":
-        try:
-            return resolve_model_path("smollm2")
-        except ModelLoadError:  # not prepared yet: convert it once (about 40 s)
-            return prepare_model("smollm2")
-    return resolve_model_path(spec)
 
 
 def make_prompt(path: Path, length: int) -> torch.Tensor:
@@ -191,10 +177,6 @@ def report(result: dict[str, Any], out: Any) -> None:
           file=out)  # fmt: skip
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llama", help="tiny-llama, smollm2 or a checkpoint directory")
@@ -206,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     hops = [int(h) for h in args.hops.split(",")]
     # SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop every node process.
-    signal.signal(signal.SIGTERM, _interrupt)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="hivegen-bench-") as tmp:
@@ -237,8 +218,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; every node process was stopped", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)

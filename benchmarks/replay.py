@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import secrets
-import signal
 import statistics
 import sys
 import tempfile
@@ -39,29 +38,16 @@ from typing import Any, TypeVar
 import grpc
 import torch
 import transformers
+from common import resolve_model, run_script
 
 from hivegen.client.client import Client
 from hivegen.client.trace import TraceRecorder
 from hivegen.cluster import LocalCluster
-from hivegen.errors import ModelLoadError
-from hivegen.model.demo import prepare_model, resolve_model_path
-from hivegen.model.tiny import make_tiny_checkpoint
 from hivegen.proto import node_pb2, node_pb2_grpc
 from hivegen.store import DirectoryStore, MemoryStore, ObjectStore, open_store
 
 T = TypeVar("T")
 SAMPLING: dict[str, Any] = {"temperature": 0.8, "top_p": 0.95}
-
-
-def resolve_model(spec: str, tmp: Path) -> Path:
-    if spec == "tiny-llama":
-        return make_tiny_checkpoint("llama", tmp / "tiny-llama", num_layers=8)
-    if spec == "smollm2":
-        try:
-            return resolve_model_path("smollm2")
-        except ModelLoadError:  # not prepared yet: convert it once (about 40 s)
-            return prepare_model("smollm2")
-    return resolve_model_path(spec)
 
 
 class Meter:
@@ -221,10 +207,6 @@ def report(result: dict[str, Any], out: Any) -> None:
                         "; ".join(failed)), file=out)  # fmt: skip
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llama", help="tiny-llama, smollm2 or a checkpoint directory")
@@ -237,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the prefix operations use N/2)")
-    signal.signal(signal.SIGTERM, _interrupt)  # unwinds like Ctrl-C, so `finally` stops every node
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="hivegen-replay-") as tmp:
@@ -250,8 +231,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; every node process was stopped", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -12,9 +14,21 @@ from hivegen.cluster import LocalCluster
 from hivegen.model.tiny import make_tiny_checkpoint
 
 torch.set_num_threads(1)
+T = TypeVar("T")
 
 TinyFactory = Callable[..., Path]
 ClusterFactory = Callable[..., LocalCluster]
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 120.0, what: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,19 +17,9 @@ import pytest
 
 from hivegen.dht import fetch_spans, start_dht
 from hivegen.model.checkpoint import ModelCheckpoint
-from tests.conftest import TinyFactory
+from tests.conftest import TinyFactory, wait_for
 
 HIVEGEN = [sys.executable, "-m", "hivegen"]
-
-
-def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

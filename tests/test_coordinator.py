@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,20 +18,10 @@ from hivegen.coordinator.client import LedgerClient
 from hivegen.credits.identity import Identity
 from hivegen.credits.receipts import WORK_UNITS_PER_CREDIT as UNIT
 from hivegen.credits.receipts import Receipt, sign_receipt
-from tests.conftest import TinyFactory
+from tests.conftest import TinyFactory, wait_for
 
 HIVEGEN = [sys.executable, "-m", "hivegen"]
 GRANT = 500
-
-
-def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start_coordinator(data: Path, ready: Path) -> subprocess.Popen[str]:
