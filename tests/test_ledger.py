@@ -148,7 +148,7 @@ def test_balances_and_sessions_survive_reopening(tmp_path: Path) -> None:
 WORKER = """
 import sys, time
 from pathlib import Path
-from hivegen.credits import Identity, Ledger, Receipt, sign_receipt
+from hivegen.credits import WORK_UNITS_PER_CREDIT, Identity, Ledger, Receipt, sign_receipt
 db, tmp, me, steps = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 clients = {name: Identity.load(tmp / name) for name in ("shared", "own-" + me)}
 node = Identity.load(tmp / "node").account
@@ -158,7 +158,7 @@ while not (tmp / "go").exists():
 ledger = Ledger(db, starter_grant=1000)  # GRANT
 for seq in range(1, steps + 1):
     for name, who in clients.items():
-        receipt = Receipt(name, who.account, who.public_key_hex, node, "m", seq, seq * 1_000_000)
+        receipt = Receipt(name, who.account, who.public_key_hex, node, "m", seq, seq * WORK_UNITS_PER_CREDIT)
         ledger.apply_receipt(sign_receipt(who, receipt))
 ledger.close()
 """

@@ -29,9 +29,10 @@ def test_signed_receipt_verifies() -> None:
     verify_receipt(sign_receipt(CLIENT, make_receipt()))
 
 
-def test_credits_are_whole_millions_of_parameter_tokens() -> None:
-    assert make_receipt(work=2_999_999).credits == 2
-    assert make_receipt(work=3_000_000).credits == 3
+def test_credits_count_whole_units_of_work_rounding_down() -> None:
+    assert WORK_UNITS_PER_CREDIT == 10**8  # one credit: 10^8 parameter-tokens (the README's pricing)
+    assert make_receipt(work=3 * WORK_UNITS_PER_CREDIT - 1).credits == 2
+    assert make_receipt(work=3 * WORK_UNITS_PER_CREDIT).credits == 3
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 Work is counted in parameter-tokens: tokens processed x parameters of the span that processed them, so a
 block of a 70B model earns more than a block of a 135M one. SmolLM2-135M has 30 blocks of 3,540,096
 parameters (106,202,880 in all), so one token through every block is 106,202,880 parameter-tokens, about
-106 credits. Receipts are cumulative, so fractions of a credit carry over to the next step instead of being lost.
+1.06 credits. Receipts are cumulative, so fractions of a credit carry over to the next step instead of being lost.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from hivegen.credits.identity import PUBLIC_KEY_PATTERN, Identity, account_of, i
 from hivegen.errors import ForgedReceiptError
 from hivegen.store.encoding import canonical_bytes
 
-WORK_UNITS_PER_CREDIT = 1_000_000
-"""One credit is one million parameter-tokens of work."""
+WORK_UNITS_PER_CREDIT = 100_000_000
+"""One credit is 10^8 parameter-tokens of work: about one token through all of SmolLM2-135M's blocks."""
 
 MAX_COUNTER = 2**62
 """Upper bound of seq and work, so both fit a SQLite INTEGER with room to spare."""
