@@ -89,11 +89,16 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
             model=_model_path(args.model), start=start, end=end, initial_peers=args.initial_peers or [],
             host=args.host, port=args.port, dht_port=args.dht_port, device=args.device, dtype=args.dtype,
             cache_tokens=args.cache_tokens, ready_file=Path(args.ready_file) if args.ready_file else None,
+            coordinator=args.coordinator, identity=Path(args.identity) if args.identity else None,
+            data=Path(args.data) if args.data else None, unpaid_steps=args.unpaid_steps,
+            unpaid_credits=args.unpaid_credits, submit_interval=args.submit_interval,
         )
     )  # fmt: skip
     try:
         node.start()
         print(f"hivegen node: serving blocks {start}:{end} of {node.model_key} at {node.address}", flush=True)
+        if node.billing is not None:
+            print(f"charging credits to {node.billing.account} (ledger {args.coordinator})", flush=True)
         if not args.initial_peers:
             print("started a new swarm; others join it with:", flush=True)
             print("  --initial-peers " + " ".join(node.join_addresses()), flush=True)
@@ -153,7 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with Client(path, args.initial_peers, store=args.store, tokenizer=tokenizer) as client:
+    with Client(path, args.initial_peers, store=args.store, tokenizer=tokenizer, identity=args.identity) as client:
         generation = client.generate(
             input_ids[0].tolist(),
             max_new_tokens=args.max_new_tokens,
@@ -163,8 +168,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             streamer=streamer,
         )
+        charges = client.remote.last_charges if client.last_cost else {}
     source = "replayed from the store" if generation.replayed else f"{len(generation.step_seconds)} network steps"
-    print(f"[{generation.finish_reason}; {source}; ref {generation.ref[:16]}]", file=sys.stderr, flush=True)
+    cost = f"{client.last_cost} credits" + (
+        " (" + ", ".join(f"{account}: {credits}" for account, credits in charges.items()) + ")" if charges else ""
+    )
+    print(f"[{generation.finish_reason}; {source}; cost {cost}; ref {generation.ref[:16]}]", file=sys.stderr,
+          flush=True)  # fmt: skip
     return 0
 
 
@@ -295,6 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-tokens", type=int, default=65536, help="KV-cache budget, tokens over all sessions")
     serve.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     serve.add_argument("--ready-file", help="write JSON here once serving and announced")
+    paid = serve.add_argument_group("credits", "charge clients for the work served (needs --coordinator)")
+    paid.add_argument("--coordinator", help="HOST:PORT of the coordinator's ledger; omit to serve for free")
+    paid.add_argument("--identity", help="key file of the account paid (default: ~/.hivegen/identity)")
+    paid.add_argument("--data", help="directory of unsubmitted receipts (default: ~/.hivegen/node)")
+    paid.add_argument("--unpaid-steps", type=int, default=1, help="steps a session's receipts may lag (default 1)")
+    paid.add_argument(
+        "--unpaid-credits",
+        type=int,
+        default=1000,
+        help="credits a known client may owe while the ledger is unreachable (default 1000)",
+    )
+    paid.add_argument(
+        "--submit-interval",
+        type=float,
+        default=1.0,
+        help="seconds between receipt submissions to the ledger (default 1)",
+    )
     serve.set_defaults(handler=cmd_node_serve)
 
     cluster = commands.add_parser("cluster", help="a local multi-process cluster").add_subparsers(
@@ -320,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--store", help="record the generation here (default: $HIVEGEN_STORE, else ~/.hivegen/store)")
+    gen.add_argument("--identity", help="key file that pays nodes which charge (default: ~/.hivegen/identity)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                      help="wrap the prompt in the tokenizer's chat template (default: if it has one)")  # fmt: skip
     gen.set_defaults(handler=cmd_generate)

@@ -50,8 +50,11 @@ class ClusterNode:
     process: subprocess.Popen[bytes]
     ready_file: Path
     log_file: Path
+    home: Path  # its identity and receipt outbox, kept across restarts
+    extra_args: list[str]
     address: str = ""
     node_id: str = ""
+    account: str = ""  # the credit account it is paid to; empty without a coordinator
 
     @property
     def pid(self) -> int:
@@ -80,7 +83,13 @@ class LocalCluster:
         startup_timeout: float = 300.0,
         coordinator: bool = False,
         starter_grant: int | None = None,
+        coordinator_address: str | None = None,
     ) -> None:
+        """`coordinator=True` runs a coordinator (DHT bootstrap, ledger, status page) in this process;
+        `coordinator_address` instead points the nodes at one running elsewhere. Either way, each node
+        gets its own identity and charges credits."""
+        if coordinator and coordinator_address:
+            raise ValueError("pass coordinator=True (run one here) or coordinator_address (use one), not both")
         self.model = Path(model)
         checkpoint = ModelCheckpoint.open(self.model)
         self.model_key = checkpoint.model_key
@@ -98,6 +107,7 @@ class LocalCluster:
         self.with_coordinator = coordinator
         self.starter_grant = starter_grant
         self.coordinator: Coordinator | None = None
+        self.coordinator_address = coordinator_address
         self.nodes: list[ClusterNode] = []
         self.started_at = 0.0
         self.ready_seconds = 0.0
@@ -113,6 +123,7 @@ class LocalCluster:
             if self.with_coordinator:
                 self.coordinator = Coordinator(self._coordinator_config())
                 self.coordinator.start()
+                self.coordinator_address = self.coordinator.address
                 self.dht = self.coordinator.dht
             else:
                 self.dht = start_dht(host=self.host)
@@ -125,22 +136,42 @@ class LocalCluster:
         self.ready_seconds = time.monotonic() - self.started_at
         return self
 
-    def spawn_node(self, start: int, end: int, extra_args: list[str] | None = None) -> ClusterNode:
+    def spawn_node(
+        self, start: int, end: int, extra_args: list[str] | None = None, home: Path | None = None
+    ) -> ClusterNode:
+        """Start a node process for blocks [start, end) (not yet added to `nodes`); `home` reuses a node's
+        identity and receipts, as a restart after a crash would."""
         index = len(self.nodes)
-        ready = self.work_dir / f"node-{index}.ready.json"
-        log = self.work_dir / f"node-{index}.log"
+        home = home if home is not None else self.work_dir / f"node-{index}"
+        home.mkdir(parents=True, exist_ok=True)
+        ready = home / "ready.json"
+        log = home / "node.log"
         ready.unlink(missing_ok=True)
+        extra_args = list(extra_args or [])
         cmd = [
             sys.executable, "-m", "hivegen", "node", "serve", "--model", str(self.model), "--blocks", f"{start}:{end}",
             "--host", self.host, "--ready-file", str(ready), "--num-threads", str(self.node_threads),
-            "--initial-peers", *self.initial_peers, *self.node_args, *(extra_args or []),
+            "--initial-peers", *self.initial_peers, *self.node_args, *extra_args,
         ]  # fmt: skip
         if self.dtype:
             cmd += ["--dtype", self.dtype]
+        if self.coordinator_address:
+            cmd += ["--coordinator", self.coordinator_address, "--identity", str(home / "identity"),
+                    "--data", str(home)]  # fmt: skip
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
-        with open(log, "wb") as log_fh:
+        with open(log, "ab") as log_fh:
             process = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        return ClusterNode((start, end), process, ready, log)
+        return ClusterNode((start, end), process, ready, log, home, extra_args)
+
+    def restart_node(self, index: int) -> ClusterNode:
+        """Start node `index` again (after it stopped or was killed) with the same identity, receipts and blocks."""
+        old = self.nodes[index]
+        if old.process.poll() is None:
+            raise ClusterError(f"node {index} (pid {old.pid}) is still running; stop it first")
+        node = self.spawn_node(*old.blocks, extra_args=old.extra_args, home=old.home)
+        self.nodes[index] = node
+        self.wait_ready([node])
+        return node
 
     def wait_ready(self, nodes: list[ClusterNode] | None = None) -> None:
         """Wait until the nodes wrote their ready files and the DHT shows every block covered."""
@@ -156,6 +187,7 @@ class LocalCluster:
                 if node.ready_file.exists():
                     info = json.loads(node.ready_file.read_text())
                     node.address, node.node_id = info["address"], info["node_id"]
+                    node.account = info.get("account", "")
                     pending.remove(node)
             self._check_deadline(deadline, pending)
             time.sleep(0.2)
@@ -180,15 +212,24 @@ class LocalCluster:
 
     def info(self) -> dict[str, Any]:
         """The ready-file contents: how to join, each node's pid, blocks and address, and the coordinator."""
-        extra = {}
+        extra: dict[str, Any] = {}
+        if self.coordinator_address:
+            extra["coordinator"] = self.coordinator_address
         if self.coordinator is not None:
-            extra = {"coordinator": self.coordinator.address, "status_url": self.coordinator.status_url}
+            extra["status_url"] = self.coordinator.status_url
         return {
             **extra,
             "initial_peers": self.initial_peers,
             "model_key": self.model_key,
             "nodes": [
-                {"pid": n.pid, "blocks": list(n.blocks), "address": n.address, "node_id": n.node_id} for n in self.nodes
+                {
+                    "pid": n.pid,
+                    "blocks": list(n.blocks),
+                    "address": n.address,
+                    "node_id": n.node_id,
+                    "account": n.account,
+                }
+                for n in self.nodes
             ],
         }
 

@@ -73,12 +73,12 @@ class CreditsError(HivegenError):
 class InsufficientCredits(CreditsError):
     """A client's balance does not cover the cost of the work it asked for."""
 
-    def __init__(self, account: str, balance: int, needed: int) -> None:
+    def __init__(self, account: str, balance: int, needed: int, what: str = "this step costs") -> None:
         self.account = account
         self.balance = balance
         self.needed = needed
         super().__init__(
-            f"account {account} has {balance} credits but this step costs {needed}; "
+            f"account {account} has {balance} credits but {what} {needed}; "
             "earn credits by serving blocks with `hivegen node serve`"
         )
 

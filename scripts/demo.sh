@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (if needed), prepare SmolLM2-135M-Instruct, start a local 3-node cluster, stream an answer through it.
+# Set up (if needed), prepare SmolLM2-135M-Instruct, start a local 3-node cluster with a coordinator,
+# stream an answer through it, show what it cost in credits, then replay it from the store for free.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,7 +21,18 @@ while [ ! -f "$ready" ]; do
 done
 peers=$(.venv/bin/python -c 'import json,sys; print(" ".join(json.load(open(sys.argv[1]))["initial_peers"]))' "$ready")
 
+store="$workdir/store"  # a fresh record store, so the first run really computes
+
 echo
 echo ">>> $PROMPT"
-$HIVEGEN generate --model smollm2 --initial-peers $peers --prompt "$PROMPT" --max-new-tokens 64
+$HIVEGEN generate --model smollm2 --initial-peers $peers --prompt "$PROMPT" --max-new-tokens 64 --store "$store"
 echo
+echo "credits after the generation (nodes charge parameters x tokens they served):"
+.venv/bin/python scripts/demo_credits.py "$ready"
+
+echo
+echo ">>> the same request again: answered from the store, no node works, nothing is charged"
+$HIVEGEN generate --model smollm2 --initial-peers $peers --prompt "$PROMPT" --max-new-tokens 64 --store "$store"
+echo
+echo "credits after the replay:"
+.venv/bin/python scripts/demo_credits.py "$ready"

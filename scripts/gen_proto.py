@@ -24,13 +24,19 @@ def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
         ]
         if protoc.main(args) != 0:
             raise SystemExit(f"protoc failed on {proto}")
-        grpc_file = out_dir / f"{proto.stem}_pb2_grpc.py"
-        # protoc emits a top-level import; make it relative so the stubs live inside the package.
-        text = grpc_file.read_text()
-        text = re.sub(rf"^import {proto.stem}_pb2 as", f"from . import {proto.stem}_pb2 as", text, flags=re.M)
-        grpc_file.write_text(text)
-        written += [out_dir / f"{proto.stem}_pb2.py", grpc_file]
+        written += [
+            _relative_imports(out_dir / f"{proto.stem}_pb2.py"),
+            _relative_imports(out_dir / f"{proto.stem}_pb2_grpc.py"),
+        ]
     return written
+
+
+def _relative_imports(path: Path) -> Path:
+    """protoc imports generated modules (`import ledger_pb2 as ...`) at top level; make those imports relative
+    so the stubs live inside the package."""
+    text = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", path.read_text(), flags=re.M)
+    path.write_text(text)
+    return path
 
 
 def generate_type_stubs(out_dir: Path = PROTO_DIR) -> list[Path]:
@@ -39,7 +45,7 @@ def generate_type_stubs(out_dir: Path = PROTO_DIR) -> list[Path]:
     for proto in sorted(PROTO_DIR.glob("*.proto")):
         if protoc.main(["grpc_tools.protoc", f"-I{PROTO_DIR}", f"--pyi_out={out_dir}", str(proto)]) != 0:
             raise SystemExit(f"protoc failed on {proto}")
-        written.append(out_dir / f"{proto.stem}_pb2.pyi")
+        written.append(_relative_imports(out_dir / f"{proto.stem}_pb2.pyi"))
     return written
 
 

@@ -17,6 +17,9 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 
 from hivegen.client.model import RemoteModelForCausalLM, Streamer
 from hivegen.client.trace import TraceRecorder
+from hivegen.coordinator.client import LedgerClient
+from hivegen.credits.identity import Identity
+from hivegen.errors import CreditsError
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.demo import resolve_model_path
 from hivegen.store.backend import ObjectStore
@@ -36,8 +39,12 @@ class Client:
         *,
         tokenizer: PreTrainedTokenizerBase | None = None,
         eos_token_ids: Sequence[int] | None = None,
+        identity: Identity | str | Path | None = None,
+        coordinator: str | None = None,
         **remote_kwargs: Any,
     ) -> None:
+        """`identity` (an Identity or key file; default ~/.hivegen/identity) signs the receipts that pay nodes
+        which charge credits; `coordinator` (HOST:PORT of the ledger) lets `balance()` read what is left."""
         self.path = resolve_model_path(str(model))
         self.checkpoint = ModelCheckpoint.open(self.path)
         self.model_ref = ModelRef(self.checkpoint.name, self.checkpoint.digest)
@@ -45,7 +52,9 @@ class Client:
         self.index = GenerationIndex(self.store)
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.path)
         self.initial_peers = list(initial_peers)
-        self._remote_kwargs = remote_kwargs
+        self._remote_kwargs = {**remote_kwargs, "identity": identity}
+        self.coordinator = coordinator
+        self.last_cost = 0  # credits the last generate/resample/run_request signed for (0 for a replay)
         self._remote: RemoteModelForCausalLM | None = None  # joined only when the network is needed
         self._trace: TraceRecorder | None = None
         try:
@@ -144,6 +153,7 @@ class Client:
         """Answer `request` from the store if it can, else from the swarm; commit and return the record."""
         if request.do_sample and request.seed is None:
             request = replace(request, seed=secrets.randbits(63))
+        self.last_cost = 0
         reuse = self.index.plan(request)
         if reuse.mode == "replay" and reuse.source is not None:
             source = reuse.source
@@ -155,6 +165,19 @@ class Client:
         if reuse.mode == "continue" and reuse.source is not None:
             return self.index.commit(self._run(request, reuse.tokens, reuse.source.ref, streamer))
         return self.index.commit(self._run(request, request.prefix_ids, parent, streamer))
+
+    @property
+    def identity(self) -> Identity:
+        """The identity that pays (loaded, or created, on first use)."""
+        return self.remote.payer.identity if self.remote.payer is not None else Identity.load_or_create()
+
+    def balance(self) -> int:
+        """This client's credits on the coordinator's ledger (registering the account, with its grant, if new)."""
+        if not self.coordinator:
+            raise CreditsError("no coordinator: pass Client(..., coordinator='HOST:PORT') to read the balance")
+        identity = self.identity
+        with LedgerClient(self.coordinator) as ledger:
+            return int(ledger.open_account(identity.account, identity.public_key_hex).balance)
 
     def close(self) -> None:
         if self._remote is not None:
@@ -186,16 +209,20 @@ class Client:
             eos_token_id=list(request.eos_token_ids),
             generated=torch.tensor([tokens]) if tokens else None,
         )
-        for token in stream:
-            tokens.append(int(token))
-            if streamer is not None:
-                streamer.put(token)
-            if tokens[-1] in request.eos_token_ids:
-                finish = "eos"
-                break
-            if request.stop and self._stop_index(tokens, request) is not None:
-                finish = "stop"
-                break
+        try:
+            for token in stream:
+                tokens.append(int(token))
+                if streamer is not None:
+                    streamer.put(token)
+                if tokens[-1] in request.eos_token_ids:
+                    finish = "eos"
+                    break
+                if request.stop and self._stop_index(tokens, request) is not None:
+                    finish = "stop"
+                    break
+        finally:
+            stream.close()  # ends the inference session now: nodes that charge get their final receipt
+        self.last_cost = remote.last_cost
         steps = [t.seconds for t in remote.last_timings]
         positions = len(request.prompt_ids) + len(generated) + max(0, len(steps) - 1)
         return Generation(

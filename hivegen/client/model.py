@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Generator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -10,10 +10,12 @@ import hivemind
 import torch
 from transformers import GenerationConfig
 
+from hivegen.client.payer import Payer
 from hivegen.client.routing import Hop, RoutingCosts
 from hivegen.client.sampling import SamplingParams, choose_next
 from hivegen.client.session import InferenceSession, StepTiming
 from hivegen.client.swarm import SwarmView
+from hivegen.credits.identity import Identity
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.head import ClientHead, position_ids_from_mask
 from hivegen.proto.tensors import dtype_from_name
@@ -30,8 +32,11 @@ class Streamer(Protocol):
 class RemoteModelForCausalLM:
     """Embeddings, final norm and LM head run here; every decoder block runs on remote nodes."""
 
-    def __init__(self, checkpoint: ModelCheckpoint, head: ClientHead, swarm: SwarmView) -> None:
+    def __init__(
+        self, checkpoint: ModelCheckpoint, head: ClientHead, swarm: SwarmView, payer: Payer | None = None
+    ) -> None:
         self.checkpoint = checkpoint
+        self.payer = payer
         self.config = checkpoint.config
         self.head = head
         self.swarm = swarm
@@ -42,6 +47,7 @@ class RemoteModelForCausalLM:
             self.generation_config = GenerationConfig.from_model_config(checkpoint.config)
         self.last_route: list[Hop] = []
         self.last_timings: list[StepTiming] = []
+        self.last_charges: dict[str, int] = {}  # node account -> credits signed for, in the last generation
 
     @classmethod
     def from_pretrained(
@@ -56,8 +62,13 @@ class RemoteModelForCausalLM:
         costs: RoutingCosts | None = None,
         route_wait: float = 10.0,
         spans_ttl: float = 5.0,
+        identity: Identity | str | Path | None = None,
     ) -> RemoteModelForCausalLM:
-        """Load only the local parts of the checkpoint in `path` and join the swarm via `initial_peers`."""
+        """Load only the local parts of the checkpoint in `path` and join the swarm via `initial_peers`.
+
+        Nodes that charge credits are paid with receipts signed by `identity` (an Identity or a key file;
+        default: ~/.hivegen/identity, created on first use).
+        """
         checkpoint = ModelCheckpoint.open(path)
         if isinstance(dtype, str):
             dtype = dtype_from_name(dtype)
@@ -72,10 +83,16 @@ class RemoteModelForCausalLM:
             route_wait=route_wait,
             spans_ttl=spans_ttl,
         )
-        return cls(checkpoint, head, swarm)
+        payer = Payer(checkpoint.model_key, head.skeleton.block_parameters(), identity)
+        return cls(checkpoint, head, swarm, payer)
+
+    @property
+    def last_cost(self) -> int:
+        """Credits the last generation's receipts let nodes collect (0 when every node served for free)."""
+        return sum(self.last_charges.values())
 
     def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
-        return InferenceSession(self.swarm, max_length=max_length, batch_size=batch_size)
+        return InferenceSession(self.swarm, max_length=max_length, batch_size=batch_size, payer=self.payer)
 
     def generate(
         self,
@@ -113,7 +130,7 @@ class RemoteModelForCausalLM:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         generated: torch.Tensor | None = None,
-    ) -> Iterator[torch.Tensor]:
+    ) -> Generator[torch.Tensor, None, None]:
         """Yield the next token of every row, one step at a time ([batch] tensors).
 
         `generated` [batch, k] continues a run that already produced k of the max_new_tokens: one
@@ -133,7 +150,7 @@ class RemoteModelForCausalLM:
         eos = self._eos_ids(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else self.generation_config.pad_token_id
         pad = pad if pad is not None else (eos[0] if eos else 0)
-        self.last_route, self.last_timings = [], []
+        self.last_route, self.last_timings, self.last_charges = [], [], {}
         done = 0 if generated is None else int(generated.shape[1])
         if generated is not None and (generated.ndim != 2 or generated.shape[0] != input_ids.shape[0]):
             raise ValueError(f"generated must be [batch, k], got shape {list(generated.shape)}")
@@ -148,7 +165,8 @@ class RemoteModelForCausalLM:
         step_mask = mask
         unfinished = torch.ones(batch, dtype=torch.bool)
         eos_tensor = torch.tensor(eos, dtype=torch.long)
-        with self.inference_session(prompt_len + max_new_tokens, batch) as session:
+        session = self.inference_session(prompt_len + max_new_tokens, batch)
+        try:
             self.last_route = session.route
             self.last_timings = session.timings
             for index in range(done, max_new_tokens):
@@ -164,6 +182,9 @@ class RemoteModelForCausalLM:
                 positions = positions[:, -1:] + 1
                 step_mask = torch.ones((batch, 1), dtype=torch.int64)
                 hidden = self.head.embed(tokens[:, None])
+        finally:
+            session.close()  # settles with the nodes that charge
+            self.last_charges = session.charges
 
     def close(self) -> None:
         self.swarm.close()

@@ -18,7 +18,9 @@ class LedgerClient:
     def __init__(self, address: str, timeout: float = 10.0) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=grpc_options())
+        # Reconnect quickly once a restarted coordinator listens again (gRPC's default backoff reaches 120 s).
+        options = [*grpc_options(), ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+        self._channel = grpc.insecure_channel(address, options=options)
         self._stub = ledger_pb2_grpc.LedgerStub(self._channel)
 
     def balance(self, account: str) -> ledger_pb2.Balance:

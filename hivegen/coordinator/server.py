@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -35,6 +35,7 @@ class CoordinatorConfig:
     http_port: int = 0  # status page port (0: any free port)
     starter_grant: int = 10_000  # credits every new account receives once
     ready_file: Path | None = None  # written as JSON once every service is up
+    initial_peers: list[str] = field(default_factory=list)  # join an existing swarm instead of starting one
 
 
 class Coordinator:
@@ -50,7 +51,7 @@ class Coordinator:
     def start(self) -> None:
         cfg = self.config
         # The DHT forks a process: start it before any gRPC object exists.
-        self.dht = start_dht(host=cfg.host, port=cfg.dht_port)
+        self.dht = start_dht(cfg.initial_peers or None, host=cfg.host, port=cfg.dht_port)
         cfg.data.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(cfg.data / LEDGER_FILE, starter_grant=cfg.starter_grant)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=grpc_options())

@@ -113,6 +113,7 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
             http_port=args.http_port,
             starter_grant=args.starter_grant,
             ready_file=Path(args.ready_file) if args.ready_file else None,
+            initial_peers=args.initial_peers,
         )
     )
     try:
@@ -168,4 +169,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     serve.add_argument("--data", default=str(Path.home() / ".hivegen" / "coordinator"), help="ledger directory")
     serve.add_argument("--starter-grant", type=int, default=10_000, help="credits each new account gets once")
     serve.add_argument("--ready-file", help="write JSON here once serving")
+    serve.add_argument(
+        "--initial-peers",
+        nargs="*",
+        default=[],
+        help="DHT multiaddrs of a swarm to join (default: start a new swarm as its bootstrap peer)",
+    )
     serve.set_defaults(handler=cmd_coordinator_serve)

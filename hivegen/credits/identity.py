@@ -46,8 +46,14 @@ def verify_signature(public_key_hex: str, signature: bytes, data: bytes) -> bool
     return True
 
 
+IDENTITY_ENV = "HIVEGEN_IDENTITY"
+
+
 def default_identity_path() -> Path:
-    """Where this user's identity lives: `$HIVEGEN_HOME/identity`, else `~/.hivegen/identity`."""
+    """Where this user's identity lives: `$HIVEGEN_IDENTITY`, else `$HIVEGEN_HOME/identity`, else
+    `~/.hivegen/identity`."""
+    if os.environ.get(IDENTITY_ENV):
+        return Path(os.environ[IDENTITY_ENV]).expanduser()
     return hivegen_home() / "identity"
 
 

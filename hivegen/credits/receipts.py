@@ -21,6 +21,10 @@ WORK_UNITS_PER_CREDIT = 100_000_000
 MAX_COUNTER = 2**62
 """Upper bound of seq and work, so both fit a SQLite INTEGER with room to spare."""
 
+INSUFFICIENT_CREDITS = "insufficient-credits"
+"""Value of a node's `hivegen-error` trailing metadata when it refuses a session for want of credits; the
+`hivegen-account`, `hivegen-balance` and `hivegen-needed` keys carry the figures."""
+
 MAX_ID_CHARS = 256
 RECEIPT_KIND = "hivegen.receipt"
 RECEIPT_VERSION = 1

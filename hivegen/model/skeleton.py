@@ -80,6 +80,10 @@ class ModelSkeleton:
         """Decoder block `index` (0-based, over the whole model)."""
         return self.base.get_submodule(f"layers.{index}")
 
+    def block_parameters(self) -> list[int]:
+        """Parameters of every decoder block, counted on the skeleton (no weight is loaded): the price of a block."""
+        return [sum(p.numel() for p in self.layer(i).parameters()) for i in range(self.checkpoint.num_blocks)]
+
     def param_names(self, module: nn.Module) -> dict[str, str]:
         """Map each parameter of `module` (local name) to its full checkpoint key."""
         prefix = self.module_names[id(module)]

@@ -39,11 +39,15 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
-def make_tiny_checkpoint(arch: str, path: str | Path, num_layers: int = 6, seed: int = 0) -> Path:
-    """Write a random `arch` checkpoint with `num_layers` blocks to `path` (safetensors + config)."""
+def make_tiny_checkpoint(arch: str, path: str | Path, num_layers: int = 6, seed: int = 0, **overrides: Any) -> Path:
+    """Write a random `arch` checkpoint with `num_layers` blocks to `path` (safetensors + config).
+
+    `overrides` replace config values, e.g. hidden_size=1024, intermediate_size=4096 for blocks heavy
+    enough that their work is worth whole credits.
+    """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
-    kwargs = {**_COMMON, **ARCHITECTURES[arch], "num_hidden_layers": num_layers}
+    kwargs = {**_COMMON, **ARCHITECTURES[arch], "num_hidden_layers": num_layers, **overrides}
     model_type = kwargs.pop("model_type")
     if "layer_types" in kwargs:
         kwargs["layer_types"] = ["full_attention" if i % 3 == 2 else "sliding_attention" for i in range(num_layers)]

@@ -15,10 +15,14 @@ import hivemind
 import torch
 
 from hivegen import __version__
+from hivegen.credits.identity import Identity
+from hivegen.credits.outbox import ReceiptOutbox
 from hivegen.dht import Announcer, ModelInfo, SpanRecord, node_id, start_dht, visible_maddrs
 from hivegen.files import write_json_atomic
 from hivegen.model.checkpoint import ModelCheckpoint
+from hivegen.model.demo import hivegen_home
 from hivegen.model.span import BlockSpan
+from hivegen.node.billing import Billing
 from hivegen.node.servicer import NodeServicer
 from hivegen.node.sessions import SessionManager
 from hivegen.proto import node_pb2_grpc
@@ -26,6 +30,7 @@ from hivegen.proto.options import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from hivegen.proto.tensors import DTYPE_NAMES, dtype_from_name
 
 logger = logging.getLogger(__name__)
+OUTBOX_FILE = "receipts.sqlite"
 
 
 @dataclass
@@ -46,6 +51,12 @@ class NodeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest gRPC message accepted or sent
     max_workers: int = 64  # concurrent streams (each open session holds one)
     ready_file: Path | None = None  # written as JSON once the node serves and is announced
+    coordinator: str | None = None  # HOST:PORT of the ledger; set to charge credits for the work served
+    identity: Path | None = None  # the node's key (default: $HIVEGEN_IDENTITY, else ~/.hivegen/identity)
+    data: Path | None = None  # where unsubmitted receipts are kept (default: ~/.hivegen/node)
+    unpaid_steps: int = 1  # steps a session's receipts may lag behind the work served
+    unpaid_credits: int = 1000  # credits a known client may owe while the ledger is unreachable
+    submit_interval: float = 1.0  # seconds between receipt submissions to the ledger
 
 
 class NodeServer:
@@ -58,6 +69,7 @@ class NodeServer:
         self.announcer: Announcer | None = None
         self.address = ""
         self.throughput = 0.0
+        self.billing: Billing | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -69,7 +81,9 @@ class NodeServer:
         logger.info("loading blocks %d:%d of %s as %s", cfg.start, cfg.end, cfg.model, DTYPE_NAMES[dtype])
         span = BlockSpan(checkpoint, cfg.start, cfg.end, dtype=dtype, device=cfg.device)
         self.model_key = checkpoint.model_key
-        self.sessions = SessionManager(span, self.model_key, cfg.cache_tokens)
+        if cfg.coordinator:
+            self.billing = self._billing(span)
+        self.sessions = SessionManager(span, self.model_key, cfg.cache_tokens, self.billing)
         self.throughput = measure_throughput(span)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="hivegen-rpc"),
@@ -85,6 +99,8 @@ class NodeServer:
         model = ModelInfo(self.model_key, checkpoint.name, checkpoint.num_blocks)
         self.announcer = Announcer(self.dht, self.model_key, self.record, ttl=cfg.announce_ttl, model=model)
         self.announcer.start()
+        if self.billing is not None:
+            self.billing.start()
         if cfg.ready_file is not None:
             self._write_ready_file(cfg.ready_file)
         logger.info(
@@ -124,8 +140,30 @@ class NodeServer:
             self.announcer.stop(withdraw=True)
         if self.server is not None:
             self.server.stop(grace=2.0).wait(5.0)
+        if self.billing is not None:
+            self.billing.stop()  # one last submission; what is left waits in the outbox
         if self.dht is not None:
             self.dht.shutdown()
+
+    def _billing(self, span: BlockSpan) -> Billing:
+        cfg = self.config
+        assert cfg.coordinator
+        identity = Identity.load_or_create(cfg.identity)
+        data = cfg.data if cfg.data is not None else hivegen_home() / "node"
+        data.mkdir(parents=True, exist_ok=True)
+        outbox = ReceiptOutbox(data / OUTBOX_FILE)
+        logger.info("charging credits to account %s; ledger at %s; receipts kept in %s", identity.account,
+                    cfg.coordinator, data / OUTBOX_FILE)  # fmt: skip
+        return Billing(
+            identity,
+            cfg.coordinator,
+            outbox,
+            self.model_key,
+            span.skeleton.block_parameters(),
+            unpaid_steps=cfg.unpaid_steps,
+            unpaid_credits=cfg.unpaid_credits,
+            submit_interval=cfg.submit_interval,
+        )
 
     def _write_ready_file(self, path: Path) -> None:
         data = {
@@ -135,6 +173,7 @@ class NodeServer:
             "blocks": [self.config.start, self.config.end],
             "model_key": self.model_key,
             "initial_peers": self.join_addresses(),
+            "account": self.billing.account if self.billing is not None else "",
         }
         write_json_atomic(path, data)
 

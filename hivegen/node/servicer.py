@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import grpc
 
 from hivegen import __version__
-from hivegen.node.sessions import RequestError, Session, SessionManager
+from hivegen.node.errors import RequestError
+from hivegen.node.sessions import Session, SessionManager
 from hivegen.proto import node_pb2, node_pb2_grpc
 from hivegen.proto.tensors import DTYPE_NAMES, serialize
 
@@ -21,6 +22,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self.node_id = node_id
         self.model_name = model_name
         self.num_blocks = num_blocks
+        self.account = sessions.billing.account if sessions.billing is not None else ""
 
     def Inference(  # gRPC's method name
         self, request_iterator: Iterator[node_pb2.InferenceRequest], context: grpc.ServicerContext
@@ -43,6 +45,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                             start_block=session.start,
                             end_block=session.end,
                             dtype=DTYPE_NAMES[self.sessions.span.dtype],
+                            node_account=self.account,
+                            params_per_token=self.sessions.params_per_token(session.start, session.end),
                         )
                     )
                 elif kind == "step":
@@ -60,11 +64,20 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                             compute_seconds=seconds,
                         )
                     )
+                elif kind == "settle":
+                    if session is None:
+                        raise RequestError(grpc.StatusCode.NOT_FOUND, "settle before open: send `open` first")
+                    seq = self.sessions.settle(session, request.settle)
+                    yield node_pb2.InferenceResponse(settled=node_pb2.Settled(session_id=session.session_id, seq=seq))
                 else:
-                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty InferenceRequest: set `open` or `step`")
+                    raise RequestError(
+                        grpc.StatusCode.INVALID_ARGUMENT, "empty InferenceRequest: set `open`, `step` or `settle`"
+                    )
         except RequestError as exc:
             self.sessions.count_error()
             logger.info("refused a request: %s %s", exc.code.name, exc.message)
+            if exc.metadata:
+                context.set_trailing_metadata(exc.metadata)
             context.abort(exc.code, exc.message)
         except Exception as exc:  # a bug or a device error: this stream fails, the node keeps serving
             self.sessions.count_error()
@@ -94,4 +107,6 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             ),
             num_parameters=span.num_parameters,
             version=__version__,
+            account=self.account,
+            receipts_pending=billing.pending() if (billing := self.sessions.billing) is not None else 0,
         )

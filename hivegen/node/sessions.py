@@ -11,20 +11,13 @@ import torch
 from transformers import DynamicCache
 
 from hivegen.model.span import BlockSpan
+from hivegen.node.billing import Billing, PaidSession
+from hivegen.node.errors import RequestError
 from hivegen.proto import node_pb2
 from hivegen.proto.tensors import DTYPE_NAMES, TensorDecodeError, deserialize
 
 MAX_BATCH_SIZE = 64
 MASK_DTYPES = (torch.int64, torch.int32, torch.bool)
-
-
-class RequestError(Exception):
-    """A request the node refuses: carries the gRPC status to end the stream with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass
@@ -50,6 +43,7 @@ class Session:
     mask: torch.Tensor  # [batch, length] padding mask of every position seen so far
     next_step: int = 0
     opened_at: float = field(default_factory=time.monotonic)
+    paid: PaidSession | None = None  # set when the node charges credits
 
     @property
     def length(self) -> int:
@@ -63,10 +57,12 @@ class Session:
 class SessionManager:
     """Opens and closes sessions within the node's cache budget and runs their steps, one at a time."""
 
-    def __init__(self, span: BlockSpan, model_key: str, cache_tokens: int) -> None:
+    def __init__(self, span: BlockSpan, model_key: str, cache_tokens: int, billing: Billing | None = None) -> None:
         self.span = span
         self.model_key = model_key
         self.cache_tokens_total = cache_tokens
+        self.billing = billing
+        self.block_params = span.skeleton.block_parameters()  # every block of the model, by index
         self.counters = Counters()
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()  # guards _sessions and counters
@@ -104,6 +100,11 @@ class SessionManager:
                 grpc.StatusCode.INVALID_ARGUMENT, f"max_length must be in 1..{self.max_positions} (the model's limit)"
             )
         needed = req.batch_size * req.max_length
+        paid = None
+        if self.billing is not None:  # before any cache is reserved or work done
+            paid = self.billing.admit(
+                req.session_id, req.client_account, req.client_key, req.start_block, req.end_block, needed
+            )
         with self._lock:
             if req.session_id in self._sessions:
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {req.session_id} is already open")
@@ -122,6 +123,7 @@ class SessionManager:
                 batch_size=req.batch_size,
                 cache=self.span.new_cache(),
                 mask=torch.zeros((req.batch_size, 0), dtype=torch.int64),
+                paid=paid,
             )
             self._sessions[req.session_id] = session
             self.counters.sessions_opened += 1
@@ -159,6 +161,9 @@ class SessionManager:
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"position_ids must lie in 0..{session.max_length - 1} (the session's max_length)",
             )
+        if session.paid is not None and self.billing is not None:
+            receipt = req.receipt if req.HasField("receipt") else None
+            self.billing.check_receipt(session.paid, receipt, req.step_id)
         full_mask = torch.cat([session.mask, mask.to(torch.int64)], dim=1)
         with self._compute:
             began = time.perf_counter()
@@ -166,10 +171,29 @@ class SessionManager:
             seconds = time.perf_counter() - began
         session.mask = full_mask
         session.next_step += 1
+        if session.paid is not None:
+            session.paid.served(new * session.batch_size)
         with self._lock:
             self.counters.steps += 1
             self.counters.tokens_processed += new * session.batch_size
         return out, seconds
+
+    def settle(self, session: Session, req: node_pb2.Settle) -> int:
+        """Accept the session's final receipt; return the seq kept."""
+        if req.session_id != session.session_id:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown session {req.session_id or '(empty)'}: this stream serves session {session.session_id}",
+            )
+        if session.paid is None or self.billing is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "this node serves for free: nothing to settle")
+        if not req.HasField("receipt"):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "settle: the receipt is missing")
+        return self.billing.settle(session.paid, req.receipt)
+
+    def params_per_token(self, start: int, end: int) -> int:
+        """Parameters of blocks [start, end): the work of one token through them."""
+        return sum(self.block_params[start:end])
 
     def _decode_inputs(self, session: Session, req: node_pb2.Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         try:

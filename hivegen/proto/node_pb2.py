@@ -22,35 +22,40 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from . import ledger_pb2 as ledger__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nnode.proto\x12\x07hivegen\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x84\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tmodel_key\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\xa3\x01\n\x04Step\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12&\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0f.hivegen.Tensor\x12%\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x0f.hivegen.Tensor\x12\'\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x0f.hivegen.Tensor\"_\n\x10InferenceRequest\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.hivegen.OpenSessionH\x00\x12\x1d\n\x04step\x18\x02 \x01(\x0b\x32\r.hivegen.StepH\x00\x42\x06\n\x04kind\"Z\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\"r\n\nStepResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12&\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0f.hivegen.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\"l\n\x11InferenceResponse\x12(\n\x06opened\x18\x01 \x01(\x0b\x32\x16.hivegen.SessionOpenedH\x00\x12%\n\x06result\x18\x02 \x01(\x0b\x32\x13.hivegen.StepResultH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"`\n\x0cNodeCounters\x12\x17\n\x0fsessions_opened\x18\x01 \x01(\x04\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x18\n\x10tokens_processed\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\"\xc4\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tmodel_key\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x13\n\x0bstart_block\x18\x04 \x01(\r\x12\x11\n\tend_block\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x1a\n\x12\x63\x61\x63he_tokens_total\x18\t \x01(\x04\x12\x19\n\x11\x63\x61\x63he_tokens_free\x18\n \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0b \x01(\r\x12\'\n\x08\x63ounters\x18\x0c \x01(\x0b\x32\x15.hivegen.NodeCounters\x12\x16\n\x0enum_parameters\x18\r \x01(\x04\x12\x0f\n\x07version\x18\x0e \x01(\t2\x7f\n\x04Node\x12\x46\n\tInference\x12\x19.hivegen.InferenceRequest\x1a\x1a.hivegen.InferenceResponse(\x01\x30\x01\x12/\n\x04Info\x12\x14.hivegen.InfoRequest\x1a\x11.hivegen.NodeInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nnode.proto\x12\x07hivegen\x1a\x0cledger.proto\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xb0\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tmodel_key\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x16\n\x0e\x63lient_account\x18\x07 \x01(\t\x12\x12\n\nclient_key\x18\x08 \x01(\t\"\xc6\x01\n\x04Step\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12&\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0f.hivegen.Tensor\x12%\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x0f.hivegen.Tensor\x12\'\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x0f.hivegen.Tensor\x12!\n\x07receipt\x18\x06 \x01(\x0b\x32\x10.hivegen.Receipt\"?\n\x06Settle\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x07receipt\x18\x02 \x01(\x0b\x32\x10.hivegen.Receipt\"\x82\x01\n\x10InferenceRequest\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.hivegen.OpenSessionH\x00\x12\x1d\n\x04step\x18\x02 \x01(\x0b\x32\r.hivegen.StepH\x00\x12!\n\x06settle\x18\x03 \x01(\x0b\x32\x0f.hivegen.SettleH\x00\x42\x06\n\x04kind\"\x8a\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0cnode_account\x18\x05 \x01(\t\x12\x18\n\x10params_per_token\x18\x06 \x01(\x04\"*\n\x07Settled\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"r\n\nStepResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12&\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0f.hivegen.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\"\x91\x01\n\x11InferenceResponse\x12(\n\x06opened\x18\x01 \x01(\x0b\x32\x16.hivegen.SessionOpenedH\x00\x12%\n\x06result\x18\x02 \x01(\x0b\x32\x13.hivegen.StepResultH\x00\x12#\n\x07settled\x18\x03 \x01(\x0b\x32\x10.hivegen.SettledH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"`\n\x0cNodeCounters\x12\x17\n\x0fsessions_opened\x18\x01 \x01(\x04\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x18\n\x10tokens_processed\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\"\xef\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tmodel_key\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x13\n\x0bstart_block\x18\x04 \x01(\r\x12\x11\n\tend_block\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x1a\n\x12\x63\x61\x63he_tokens_total\x18\t \x01(\x04\x12\x19\n\x11\x63\x61\x63he_tokens_free\x18\n \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0b \x01(\r\x12\'\n\x08\x63ounters\x18\x0c \x01(\x0b\x32\x15.hivegen.NodeCounters\x12\x16\n\x0enum_parameters\x18\r \x01(\x04\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x0f \x01(\t\x12\x18\n\x10receipts_pending\x18\x10 \x01(\x04\x32\x7f\n\x04Node\x12\x46\n\tInference\x12\x19.hivegen.InferenceRequest\x1a\x1a.hivegen.InferenceResponse(\x01\x30\x01\x12/\n\x04Info\x12\x14.hivegen.InfoRequest\x1a\x11.hivegen.NodeInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSOR']._serialized_start=23
-  _globals['_TENSOR']._serialized_end=75
-  _globals['_OPENSESSION']._serialized_start=78
-  _globals['_OPENSESSION']._serialized_end=210
-  _globals['_STEP']._serialized_start=213
-  _globals['_STEP']._serialized_end=376
-  _globals['_INFERENCEREQUEST']._serialized_start=378
-  _globals['_INFERENCEREQUEST']._serialized_end=473
-  _globals['_SESSIONOPENED']._serialized_start=475
-  _globals['_SESSIONOPENED']._serialized_end=565
-  _globals['_STEPRESULT']._serialized_start=567
-  _globals['_STEPRESULT']._serialized_end=681
-  _globals['_INFERENCERESPONSE']._serialized_start=683
-  _globals['_INFERENCERESPONSE']._serialized_end=791
-  _globals['_INFOREQUEST']._serialized_start=793
-  _globals['_INFOREQUEST']._serialized_end=806
-  _globals['_NODECOUNTERS']._serialized_start=808
-  _globals['_NODECOUNTERS']._serialized_end=904
-  _globals['_NODEINFO']._serialized_start=907
-  _globals['_NODEINFO']._serialized_end=1231
-  _globals['_NODE']._serialized_start=1233
-  _globals['_NODE']._serialized_end=1360
+  _globals['_TENSOR']._serialized_start=37
+  _globals['_TENSOR']._serialized_end=89
+  _globals['_OPENSESSION']._serialized_start=92
+  _globals['_OPENSESSION']._serialized_end=268
+  _globals['_STEP']._serialized_start=271
+  _globals['_STEP']._serialized_end=469
+  _globals['_SETTLE']._serialized_start=471
+  _globals['_SETTLE']._serialized_end=534
+  _globals['_INFERENCEREQUEST']._serialized_start=537
+  _globals['_INFERENCEREQUEST']._serialized_end=667
+  _globals['_SESSIONOPENED']._serialized_start=670
+  _globals['_SESSIONOPENED']._serialized_end=808
+  _globals['_SETTLED']._serialized_start=810
+  _globals['_SETTLED']._serialized_end=852
+  _globals['_STEPRESULT']._serialized_start=854
+  _globals['_STEPRESULT']._serialized_end=968
+  _globals['_INFERENCERESPONSE']._serialized_start=971
+  _globals['_INFERENCERESPONSE']._serialized_end=1116
+  _globals['_INFOREQUEST']._serialized_start=1118
+  _globals['_INFOREQUEST']._serialized_end=1131
+  _globals['_NODECOUNTERS']._serialized_start=1133
+  _globals['_NODECOUNTERS']._serialized_end=1229
+  _globals['_NODEINFO']._serialized_start=1232
+  _globals['_NODEINFO']._serialized_end=1599
+  _globals['_NODE']._serialized_start=1601
+  _globals['_NODE']._serialized_end=1728
 # @@protoc_insertion_point(module_scope)
