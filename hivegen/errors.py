@@ -18,13 +18,20 @@ class UnsupportedModelError(ModelLoadError):
 class NoRouteError(HivegenError):
     """No chain of announced nodes covers every block of the model."""
 
-    def __init__(self, model_key: str, missing_blocks: list[int]) -> None:
+    def __init__(self, model_key: str, missing_blocks: list[int], failures: list[str] | None = None) -> None:
         self.model_key = model_key
         self.missing_blocks = missing_blocks
-        super().__init__(
-            f"no node serves blocks {format_blocks(missing_blocks)} of {model_key}; "
-            "start a node for them with `hivegen node serve --blocks START:END` or check --initial-peers"
-        )
+        self.failures = failures or []
+        if self.failures:  # nodes exist, but the client had to route around them
+            super().__init__(
+                f"no usable node serves blocks {format_blocks(missing_blocks)} of {model_key}: "
+                + "; ".join(self.failures)
+            )
+        else:
+            super().__init__(
+                f"no node serves blocks {format_blocks(missing_blocks)} of {model_key}; "
+                "start a node for them with `hivegen node serve --blocks START:END` or check --initial-peers"
+            )
 
 
 class RemoteError(HivegenError):

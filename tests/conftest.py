@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from hivegen.cluster import LocalCluster
+from hivegen.credits.identity import IDENTITY_ENV
 from hivegen.model.tiny import make_tiny_checkpoint
 
 torch.set_num_threads(1)
@@ -29,6 +31,21 @@ def wait_for(predicate: Callable[[], T], timeout: float = 120.0, what: str = "co
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def client_identity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Clients in tests sign with a throwaway identity, not the user's ~/.hivegen/identity."""
+    path = tmp_path_factory.mktemp("identity") / "identity"
+    previous = os.environ.get(IDENTITY_ENV)
+    os.environ[IDENTITY_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop(IDENTITY_ENV, None)
+        else:
+            os.environ[IDENTITY_ENV] = previous
 
 
 @pytest.fixture(scope="session")

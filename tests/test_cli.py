@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
+from hivegen.credits.identity import is_account
 from hivegen.dht import fetch_spans, start_dht
 from hivegen.model.checkpoint import ModelCheckpoint
 from tests.conftest import TinyFactory, wait_for
@@ -142,6 +143,8 @@ def test_cluster_up_writes_ready_file_and_sigterm_stops_every_process(
     pids = [n["pid"] for n in info["nodes"]]
     assert all(psutil.pid_exists(p) and not gone(p) for p in pids)
     assert all(n["address"].startswith("127.0.0.1:") for n in info["nodes"])
+    accounts = [n["account"] for n in info["nodes"]]  # each node has its own identity, paid by the coordinator
+    assert len(set(accounts)) == 3 and all(is_account(a) for a in accounts)
     tree = descendants(cluster.pid)
     assert set(pids) < set(tree)  # the nodes, plus DHT processes and p2pd daemons
     cluster.send_signal(signal.SIGTERM)

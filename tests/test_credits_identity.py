@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hivegen.credits.identity import Identity, account_of, verify_signature
+from hivegen.credits.identity import IDENTITY_ENV, Identity, account_of, default_identity_path, verify_signature
 from hivegen.errors import CreditsError
 
 
@@ -36,12 +36,24 @@ def test_account_is_hg_and_40_hex_chars_of_the_public_key_hash() -> None:
 def test_load_or_create_creates_once_under_hivegen_home_then_reuses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv(IDENTITY_ENV, raising=False)
     monkeypatch.setenv("HIVEGEN_HOME", str(tmp_path / "home"))
     first = Identity.load_or_create()
     second = Identity.load_or_create()
     assert first.account == second.account
     assert stat.S_IMODE((tmp_path / "home" / "identity").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "home").stat().st_mode) == 0o700
+
+
+def test_hivegen_identity_names_the_key_file_and_wins_over_hivegen_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HIVEGEN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(IDENTITY_ENV, str(tmp_path / "keys" / "me.pem"))
+    assert default_identity_path() == tmp_path / "keys" / "me.pem"
+    created = Identity.load_or_create()
+    assert (tmp_path / "keys" / "me.pem").exists() and not (tmp_path / "home").exists()
+    assert Identity.load(tmp_path / "keys" / "me.pem").account == created.account
 
 
 def test_key_file_open_to_others_still_loads_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

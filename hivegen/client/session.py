@@ -17,7 +17,7 @@ from hivegen.client.payer import Payer
 from hivegen.client.routing import Hop
 from hivegen.client.swarm import SwarmView
 from hivegen.credits.receipts import INSUFFICIENT_CREDITS, WORK_UNITS_PER_CREDIT
-from hivegen.errors import InsufficientCredits, RemoteError, SessionError
+from hivegen.errors import InsufficientCredits, NoRouteError, RemoteError, SessionError
 from hivegen.proto import ledger_pb2, node_pb2
 from hivegen.proto.tensors import deserialize, dtype_from_name, serialize
 
@@ -230,6 +230,7 @@ class InferenceSession:
         self.timeout = timeout
         self.max_failovers = max_failovers
         self.failed_nodes: set[str] = set()
+        self.failures: list[RemoteError] = []  # why each failed node was dropped
         self.spans: list[SpanSession] = []
         self.timings: list[StepTiming] = []
         self._closed = False
@@ -298,7 +299,12 @@ class InferenceSession:
         """Open sessions on a route for blocks [start, end); a node that refuses or fails is routed around."""
         needed_tokens = self.max_length * self.batch_size
         while True:
-            route = self.swarm.route(start, end, exclude=self.failed_nodes, needed_tokens=needed_tokens)
+            try:
+                route = self.swarm.route(start, end, exclude=self.failed_nodes, needed_tokens=needed_tokens)
+            except NoRouteError as exc:
+                if not self.failures:
+                    raise
+                raise NoRouteError(exc.model_key, exc.missing_blocks, [str(f) for f in self.failures]) from exc
             opened: list[SpanSession] = []
             try:
                 for hop in route:
@@ -311,6 +317,7 @@ class InferenceSession:
                 if not self._may_retry(exc):
                     raise
                 self.failed_nodes.add(route[len(opened)].node_id)
+                self.failures.append(exc)
                 logger.warning("cannot open a session on %s (%s); routing around it", exc.address, exc.code)
                 continue
             except BaseException:
@@ -327,6 +334,7 @@ class InferenceSession:
         """Drop the failed hop, route its blocks anew and replay its inputs so the new caches match."""
         failed = self.spans[index]
         self.failed_nodes.add(failed.hop.node_id)
+        self.failures.append(error)
         logger.warning(
             "node %s failed (%s); re-routing blocks %d:%d", failed.hop.address, error, failed.hop.start, failed.hop.end
         )

@@ -84,7 +84,8 @@ class Billing:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._ledger_down_until = 0.0
+        self._ledger_down = False  # the last ledger call failed
+        self._ledger_down_until = 0.0  # no admission retries the ledger before this (monotonic) time
         self._thread: threading.Thread | None = None
 
     def params_per_token(self, start: int, end: int) -> int:
@@ -112,10 +113,10 @@ class Billing:
         params = self.params_per_token(start, end)
         needed = math.ceil(tokens * params / WORK_UNITS_PER_CREDIT)
         owed = self.outbox.unsettled_credits(client)
-        balance = self._fresh_balance(client, client_key)
-        if balance is None:  # the ledger is unreachable
-            self._admit_offline(client, owed, needed)
-        elif balance - owed < needed:
+        balance, online = self._balance(client, client_key)
+        if not online:
+            self._admit_offline(client, balance is not None, owed, needed)
+        if balance is not None and balance - owed < needed:
             error = InsufficientCredits(client, balance - owed, needed, what="this session may cost up to")
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -129,9 +130,8 @@ class Billing:
             )
         return PaidSession(session_id, client, client_key, params)
 
-    def _admit_offline(self, client: str, owed: int, needed: int) -> None:
-        with self._lock:
-            known = client in self._balances
+    def _admit_offline(self, client: str, known: bool, owed: int, needed: int) -> None:
+        """While the ledger is unreachable: serve only clients seen before, up to the unpaid limit."""
         if not known:
             raise RequestError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -146,27 +146,40 @@ class Billing:
             )
         logger.info("ledger unreachable; serving known client %s on credit (owes %d)", client, owed)
 
-    def _fresh_balance(self, client: str, client_key: str) -> int | None:
-        """The client's balance, at most balance_ttl old; None when the ledger cannot be reached."""
+    def _balance(self, client: str, client_key: str) -> tuple[int | None, bool]:
+        """(the client's balance, whether the ledger is reachable). The balance is at most balance_ttl old
+        while the ledger answers; while it does not, it is the last one seen (None for a client never seen)."""
         now = time.monotonic()
         with self._lock:
             cached = self._balances.get(client)
-            if cached is not None and now - cached[1] < self.balance_ttl:
-                return cached[0]
-            if now < self._ledger_down_until:
-                return None
-        try:
-            # Opening is idempotent: a client new to the ledger gets its starter grant now.
-            balance = int(self.ledger.open_account(client, client_key).balance)
-        except CoordinatorUnreachable:
-            with self._lock:
-                self._ledger_down_until = time.monotonic() + 2.0
-            return None
-        except HivegenError as exc:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"cannot check {client}'s balance: {exc}") from exc
+            if cached is not None and now - cached[1] < self.balance_ttl and not self._ledger_down:
+                return cached[0], True
+            retry = now >= self._ledger_down_until
+        if retry:
+            try:
+                # Opening is idempotent: a client new to the ledger gets its starter grant now.
+                balance = int(self.ledger.open_account(client, client_key).balance)
+            except CoordinatorUnreachable:
+                self._ledger_reachable(False)
+            except HivegenError as exc:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"cannot check {client}'s balance: {exc}") from exc
+            else:
+                self._ledger_reachable(True)
+                with self._lock:
+                    self._balances[client] = (balance, time.monotonic())
+                return balance, True
+        return (cached[0] if cached is not None else None), False
+
+    def _ledger_reachable(self, reachable: bool) -> None:
+        """Note whether the last ledger call got through; while it does not, retry at most every 2 s."""
         with self._lock:
-            self._balances[client] = (balance, time.monotonic())
-        return balance
+            if reachable and self._ledger_down:
+                logger.info("coordinator %s is reachable again", self.coordinator)
+            elif not reachable and not self._ledger_down:
+                logger.warning("coordinator %s unreachable; receipts wait in the outbox", self.coordinator)
+            self._ledger_down = not reachable
+            if not reachable:
+                self._ledger_down_until = time.monotonic() + 2.0
 
     # --- receipts --------------------------------------------------------------------------------------------
 
@@ -254,27 +267,25 @@ class Billing:
                 logger.error("ledger rejected receipt %s#%d: %s", result.session_id, result.seq, result.error)
             answers.append(Answer(signed.receipt.session_id, signed.receipt.seq, signed.receipt.credits, outcome))
         self.outbox.record(answers)
-        with self._lock:
+        with self._lock:  # the balances changed: fetch them again, but keep knowing these clients
             for signed in due:
-                self._balances.pop(signed.receipt.client, None)
+                if (cached := self._balances.get(signed.receipt.client)) is not None:
+                    self._balances[signed.receipt.client] = (cached[0], float("-inf"))
         return len(answers)
 
     def _submit_loop(self) -> None:
         delay = self.submit_interval
-        unreachable = False
         while True:
             self._wake.wait(delay)
             self._wake.clear()
             stopping = self._stop.is_set()
             try:
-                self.submit_due()
-                if unreachable:
-                    logger.info("coordinator %s is back; receipts submitted", self.coordinator)
-                unreachable, delay = False, self.submit_interval
+                if self.submit_due():  # 0: nothing was due, so the ledger was not asked
+                    self._ledger_reachable(True)
+                delay = self.submit_interval
             except CoordinatorUnreachable:
-                if not unreachable:
-                    logger.warning("coordinator %s unreachable; receipts wait in the outbox", self.coordinator)
-                unreachable, delay = True, min(max(delay * 2, 0.5), 10.0)
+                self._ledger_reachable(False)
+                delay = min(max(delay * 2, 0.5), 10.0)
             except Exception:  # a bug or a corrupt row: log it and keep the node serving
                 logger.exception("submitting receipts failed")
                 delay = 10.0
