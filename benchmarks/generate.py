@@ -19,7 +19,9 @@ same prompt runs through transformers' own generate (the baseline). Printed per 
 Threads: the nodes get max(1, cpus // h) torch threads each (they take turns, one hop at a time),
 and this process (baseline and client head) uses that same count, so a block is computed with the
 same threads either way. Timings are the best of --repeats runs after one warm-up; figures only,
-never assertions. Usage: python benchmarks/generate.py --model tiny-llama|smollm2|DIR [--json]
+never assertions. With --credits each hop count also runs with a coordinator and nodes that charge,
+and the paid/free ratio prices the receipts. Usage:
+python benchmarks/generate.py --model tiny-llama|smollm2|DIR [--credits] [--json]
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from hivegen.client import RemoteModelForCausalLM
 from hivegen.cluster import LocalCluster
+from hivegen.credits.identity import Identity
 
 MIB = 1 << 20
 
@@ -106,17 +109,24 @@ def local_run(path: Path, prompt: torch.Tensor, new_tokens: int, repeats: int, t
 
 
 def hivegen_run(
-    path: Path, prompt: torch.Tensor, new_tokens: int, repeats: int, hops: int, work_dir: Path
+    path: Path, prompt: torch.Tensor, new_tokens: int, repeats: int, hops: int, work_dir: Path, paid: bool = False
 ) -> dict[str, Any]:
-    """Start an h-node LocalCluster, generate through it, and stop it whatever happens."""
+    """Start an h-node LocalCluster (with a coordinator, and nodes that charge, if `paid`), generate through
+    it, and stop it whatever happens."""
     threads = max(1, (os.cpu_count() or 1) // hops)
     torch.set_num_threads(threads)
-    cluster = LocalCluster(path, nodes=hops, node_threads=threads, work_dir=work_dir / f"cluster-{hops}")
+    name = f"cluster-{hops}{'-paid' if paid else ''}"
+    cluster = LocalCluster(path, nodes=hops, node_threads=threads, work_dir=work_dir / name, coordinator=paid,
+                           starter_grant=10**9)  # fmt: skip
     model: RemoteModelForCausalLM | None = None
     try:
         cluster.start()
         began = time.perf_counter()
-        model = RemoteModelForCausalLM.from_pretrained(path, initial_peers=cluster.initial_peers)
+        # With a coordinator in this process, reuse its DHT peer: a gRPC server must not exist when a DHT forks.
+        model = RemoteModelForCausalLM.from_pretrained(
+            path, initial_peers=cluster.initial_peers, dht=cluster.dht if paid else None,
+            identity=Identity.generate() if paid else None,
+        )  # fmt: skip
         client_load = time.perf_counter() - began
         runs: list[tuple[float, list[float], list[float]]] = []
         tokens: list[int] = []
@@ -132,7 +142,8 @@ def hivegen_run(
         per_token = [s for r in runs[1:] for s in r[1][1:]]
         chain = [s for r in runs[1:] for s in r[2][1:]]
         return {
-            "hops": hops, "threads": threads, "ready_s": cluster.ready_seconds, "client_load_s": client_load,
+            "hops": hops, "paid": paid, "credits": model.last_cost, "threads": threads,
+            "ready_s": cluster.ready_seconds, "client_load_s": client_load,
             "route": [f"{h.start}:{h.end}" for h in model.last_route],
             "wall_s": wall, "tokens_per_s": len(tokens) / wall, "first_token_ms": token_steps[0] * 1e3,
             "prefill_ms": chain_steps[0] * 1e3, "setup_ms": (token_steps[0] - chain_steps[0]) * 1e3,
@@ -164,7 +175,8 @@ def report(result: dict[str, Any], out: Any) -> None:
           file=out)  # fmt: skip
     for r in result["hivegen"]:
         rss = " ".join(f"{x:.0f}" for x in r["node_rss_mib"])
-        print(f"{r['hops']:>4} {r['threads']:>3} {r['tokens_per_s']:>6.1f} {r['ratio_vs_local']:>7.3f} "
+        hops = f"{r['hops']}{'$' if r['paid'] else ''}"
+        print(f"{hops:>4} {r['threads']:>3} {r['tokens_per_s']:>6.1f} {r['ratio_vs_local']:>7.3f} "
               f"{r['prefill_ms']:>5.1f}ms {r['setup_ms']:>5.1f}ms {r['decode_p50_ms']:>7.2f}ms "
               f"{r['decode_p90_ms']:>5.2f}ms {r['token_p50_ms']:>7.2f}ms {r['added_ms_per_hop']:>7.2f} "
               f"{r['ready_s']:>6.1f}s  {'EXACT ' if r['exact'] else 'DIFF  '}  {rss} | {r['client_rss_mib']:.0f}",
@@ -173,8 +185,16 @@ def report(result: dict[str, Any], out: Any) -> None:
           "every node (model.last_timings; decode steps only for the percentiles).  setup: first-token time minus\n"
           "the prefill (DHT route look-up, opening streams, embed, LM head).  token p50: one decode step as the\n"
           "caller sees it, LM head included.  +ms/hop: (token p50 - local token p50) / hops.  Client RSS: DHT\n"
-          "client, embeddings and LM head (the local baseline runs after, so it is not included).",
+          "client, embeddings and LM head (the local baseline runs after, so it is not included).  $: nodes\n"
+          "charge credits (a coordinator; receipts signed, verified and kept on disk every step).",
           file=out)  # fmt: skip
+    free = {r["hops"]: r for r in result["hivegen"] if not r["paid"]}
+    for r in result["hivegen"]:
+        if r["paid"] and r["hops"] in free:
+            base = free[r["hops"]]
+            print(f"charging over {r['hops']} hop(s): {r['tokens_per_s'] / base['tokens_per_s']:.3f}x the free "
+                  f"tok/s, {(r['token_p50_ms'] - base['token_p50_ms']) / r['hops']:+.2f} ms per hop per token; "
+                  f"{r['credits']} credits per generation", file=out)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hops", default="1,2,3", help="comma-separated node counts, e.g. 1,2,3")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table on stderr)")
+    parser.add_argument(
+        "--credits",
+        action="store_true",
+        help="also run every hop count with nodes that charge credits, to price the receipts",
+    )
     args = parser.parse_args(argv)
     hops = [int(h) for h in args.hops.split(",")]
     # SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop every node process.
@@ -196,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         num_blocks = int(AutoConfig.from_pretrained(path).num_hidden_layers)
         # hivegen first, the baseline after: then no idle node competes with it, and the client's RSS
         # is not inflated by a whole local model.
-        runs = [hivegen_run(path, prompt, args.new_tokens, args.repeats, h, Path(tmp)) for h in hops]
+        modes = [False, True] if args.credits else [False]
+        runs = [hivegen_run(path, prompt, args.new_tokens, args.repeats, h, Path(tmp), paid) for h in hops
+                for paid in modes]  # fmt: skip
         thread_counts = sorted({r["threads"] for r in runs})
         local = {t: local_run(path, prompt, args.new_tokens, args.repeats, t) for t in thread_counts}
     for r in runs:

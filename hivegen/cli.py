@@ -40,14 +40,32 @@ def _model_path(spec: str) -> Path:
     return resolve_model_path(spec)
 
 
-def _wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM. The handler only flips a flag: handlers may re-enter (several
-    signals in a row), and taking a lock there, as threading.Event.set does, can deadlock."""
-    received: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, _frame: received.append(signum))
-    while not received:
-        time.sleep(0.2)
+class StopSignals:
+    """SIGINT and SIGTERM, caught from before a service starts until it is told to stop.
+
+    Installed before start-up, so a signal that arrives between the service announcing itself and the
+    main loop is not lost (the default action would kill the process without withdrawing). A first
+    signal during start-up is honoured once start-up ends; a second one interrupts it. The handler
+    otherwise only records the signal: handlers may re-enter (several signals in a row), and taking a
+    lock there, as threading.Event.set does, can deadlock.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.starting = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.received.append(signum)
+        if self.starting and len(self.received) > 1:
+            raise KeyboardInterrupt(f"signal {signum} during start-up")
+
+    def wait(self) -> None:
+        """Block until a signal arrives (at once if one came during start-up)."""
+        self.starting = False
+        while not self.received:
+            time.sleep(0.2)
 
 
 def _set_parent_death_signal(sig: int) -> None:
@@ -84,6 +102,7 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
     from hivegen.node.server import NodeConfig, NodeServer
 
     start, end = args.blocks
+    stop = StopSignals()
     node = NodeServer(
         NodeConfig(
             model=_model_path(args.model), start=start, end=end, initial_peers=args.initial_peers or [],
@@ -102,7 +121,7 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         if not args.initial_peers:
             print("started a new swarm; others join it with:", flush=True)
             print("  --initial-peers " + " ".join(node.join_addresses()), flush=True)
-        _wait_for_signal()
+        stop.wait()
     finally:
         node.stop()
     print("hivegen node: stopped and withdrawn from the DHT", flush=True)
@@ -117,6 +136,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
                            node_threads=args.node_threads, coordinator=True,
                            starter_grant=args.starter_grant)  # fmt: skip
     print(f"starting a coordinator and {len(cluster.spans)} nodes for {cluster.model_key} ...", flush=True)
+    stop = StopSignals()
     try:
         cluster.start()
         for node in cluster.nodes:
@@ -127,7 +147,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
             print(f"coordinator (ledger) at {cluster.coordinator.address}; swarm status at {status}", flush=True)
         if args.ready_file:
             write_json_atomic(args.ready_file, cluster.info())
-        _wait_for_signal()
+        stop.wait()
     finally:
         cluster.stop()
     print("cluster stopped", flush=True)

@@ -100,7 +100,7 @@ def cmd_verify_journal(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_serve(args: argparse.Namespace) -> int:
-    from hivegen.cli import _tie_process_tree, _wait_for_signal
+    from hivegen.cli import StopSignals, _tie_process_tree
     from hivegen.coordinator.server import Coordinator, CoordinatorConfig
 
     _tie_process_tree()
@@ -116,6 +116,7 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
             initial_peers=args.initial_peers,
         )
     )
+    stop = StopSignals()
     try:
         coordinator.start()
         info = coordinator.info()
@@ -124,7 +125,7 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
         )
         print("nodes and clients join the swarm with:", flush=True)
         print("  --initial-peers " + " ".join(info["initial_peers"]), flush=True)  # type: ignore[arg-type]
-        _wait_for_signal()
+        stop.wait()
     finally:
         coordinator.stop()
     print("hivegen coordinator: stopped", flush=True)
