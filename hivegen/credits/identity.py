@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -23,6 +24,7 @@ ACCOUNT_PATTERN = re.compile(r"^hg[0-9a-f]{40}$")
 PUBLIC_KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
+@functools.lru_cache(maxsize=4096)
 def account_of(public_key_hex: str) -> str:
     """The account named by a raw Ed25519 public key (64 hex chars): "hg" + 40 hex chars of its SHA-256."""
     if not isinstance(public_key_hex, str) or not PUBLIC_KEY_PATTERN.fullmatch(public_key_hex):
@@ -35,12 +37,18 @@ def is_account(account: str) -> bool:
     return isinstance(account, str) and ACCOUNT_PATTERN.fullmatch(account) is not None
 
 
+@functools.lru_cache(maxsize=4096)
+def _public_key(public_key_hex: str) -> Ed25519PublicKey:
+    """The parsed key (a node verifies every step of a session with the same one)."""
+    return Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex))
+
+
 def verify_signature(public_key_hex: str, signature: bytes, data: bytes) -> bool:
     """Whether `signature` is a valid Ed25519 signature of `data` by the key; malformed keys are simply invalid."""
     if not isinstance(public_key_hex, str) or not PUBLIC_KEY_PATTERN.fullmatch(public_key_hex):
         return False
     try:
-        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex)).verify(bytes(signature), bytes(data))
+        _public_key(public_key_hex).verify(bytes(signature), bytes(data))
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True

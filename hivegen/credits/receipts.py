@@ -8,6 +8,7 @@ parameters (106,202,880 in all), so one token through every block is 106,202,880
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ INSUFFICIENT_CREDITS = "insufficient-credits"
 
 MAX_ID_CHARS = 256
 RECEIPT_KIND = "hivegen.receipt"
+_LOWER_HEX = re.compile(r"[0-9a-f]*")
 RECEIPT_VERSION = 1
 _FIELDS = ("session_id", "client", "client_key", "node", "model_key", "seq", "work")
 
@@ -131,7 +133,7 @@ def _field_problem(r: Receipt) -> str | None:
 
 
 def _is_lower_hex(s: str) -> bool:
-    return all(c in "0123456789abcdef" for c in s)
+    return _LOWER_HEX.fullmatch(s) is not None
 
 
 def _is_utf8(s: str) -> bool:
