@@ -21,6 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from hivegen.client import Client
 from hivegen.client.model import RemoteModelForCausalLM
 from hivegen.cluster import PARENT_PID_ENV, LocalCluster
 from hivegen.coordinator.client import LedgerClient
@@ -31,6 +32,7 @@ from hivegen.errors import InsufficientCredits, NoRouteError
 from hivegen.model.tiny import make_tiny_checkpoint
 from hivegen.proto import ledger_pb2, node_pb2_grpc
 from hivegen.proto.options import grpc_options
+from hivegen.store.backend import MemoryStore
 from tests.conftest import wait_for
 from tests.wire import Stream, info, new_id, open_request, refusal, step_request
 
@@ -219,6 +221,27 @@ def test_insufficient_credits_are_refused_at_open_before_any_work(
     assert node_steps(cluster) == steps_before  # no node did any work
     assert ledger.balance(client.account).balance == GRANT and paid(ledger, client) == {}
     assert generate(wide_model, cluster, client)[1]  # an affordable session still runs, and is paid
+
+
+def test_a_replay_from_the_store_reaches_no_node_and_costs_nothing(
+    wide_model: Path, cluster: LocalCluster, coordinator: CoordinatorProcess, ledger: LedgerClient,
+    block_params: list[int], reference: list[int],
+) -> None:  # fmt: skip
+    me = Identity.generate()
+    expected = expected_charges(cluster, block_params)
+    with Client(wide_model, cluster.initial_peers, store=MemoryStore(), identity=me, eos_token_ids=(),
+                coordinator=coordinator.address) as client:  # fmt: skip
+        first = client.generate(PROMPT, max_new_tokens=NEW)
+        assert list(first.tokens) == reference and not first.replayed
+        assert client.last_cost == sum(expected.values()) and client.remote.last_charges == expected
+        settled(cluster)
+        steps = node_steps(cluster)
+        again = client.generate(PROMPT, max_new_tokens=NEW)
+        assert again.replayed and again.tokens == first.tokens and client.last_cost == 0
+        settled(cluster)
+        assert node_steps(cluster) == steps  # no node worked
+        assert client.balance() == GRANT - sum(expected.values())
+    assert paid(ledger, me) == expected
 
 
 # --- receipts on the wire ------------------------------------------------------------------------------------------
