@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -16,6 +13,7 @@ from typing import TYPE_CHECKING, cast
 from hivegen import __version__
 from hivegen.errors import HivegenError
 from hivegen.files import write_json_atomic
+from hivegen.process import StopSignals, tie_process_tree
 
 if TYPE_CHECKING:
     import torch
@@ -40,61 +38,8 @@ def _model_path(spec: str) -> Path:
     return resolve_model_path(spec)
 
 
-class StopSignals:
-    """SIGINT and SIGTERM, caught from before a service starts until it is told to stop.
-
-    Installed before start-up, so a signal that arrives between the service announcing itself and the
-    main loop is not lost (the default action would kill the process without withdrawing). A first
-    signal during start-up is honoured once start-up ends; a second one interrupts it. The handler
-    otherwise only records the signal: handlers may re-enter (several signals in a row), and taking a
-    lock there, as threading.Event.set does, can deadlock.
-    """
-
-    def __init__(self) -> None:
-        self.received: list[int] = []
-        self.starting = True
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        self.received.append(signum)
-        if self.starting and len(self.received) > 1:
-            raise KeyboardInterrupt(f"signal {signum} during start-up")
-
-    def wait(self) -> None:
-        """Block until a signal arrives (at once if one came during start-up)."""
-        self.starting = False
-        while not self.received:
-            time.sleep(0.2)
-
-
-def _set_parent_death_signal(sig: int) -> None:
-    """Ask Linux to send `sig` to this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, sig)
-
-
-def _tie_process_tree() -> None:
-    """Make this long-lived process and what it forks end together, even if one is SIGKILLed.
-
-    A node started by `cluster up` exits when the cluster process dies; hivemind's DHT runs in a
-    forked child (which owns the p2pd daemon) and would otherwise outlive a killed parent.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    from hivegen.cluster import PARENT_PID_ENV
-
-    parent = os.environ.get(PARENT_PID_ENV)
-    if parent:
-        _set_parent_death_signal(signal.SIGTERM)  # a graceful stop: the node withdraws from the DHT
-        if os.getppid() != int(parent):  # the parent died before the signal was armed
-            sys.exit(1)
-    os.register_at_fork(after_in_child=lambda: _set_parent_death_signal(signal.SIGKILL))
-
-
 def cmd_node_serve(args: argparse.Namespace) -> int:
-    _tie_process_tree()
+    tie_process_tree()
     import torch
 
     if args.num_threads:
@@ -129,7 +74,7 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
-    _tie_process_tree()
+    tie_process_tree()
     from hivegen.cluster import LocalCluster
 
     cluster = LocalCluster(_model_path(args.model), nodes=args.nodes, host=args.host, dtype=args.dtype,
@@ -158,6 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, BatchEncoding, TextStreamer
 
     from hivegen.client import Client
+    from hivegen.store.inspect import verified_label
 
     path = _model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -178,7 +124,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with Client(path, args.initial_peers, store=args.store, tokenizer=tokenizer, identity=args.identity) as client:
+    with Client(
+        path, args.initial_peers, store=args.store, tokenizer=tokenizer, identity=args.identity,
+        coordinator=args.coordinator, verify=args.verify, replay=args.replay, timeout=args.timeout,
+    ) as client:  # fmt: skip
         generation = client.generate(
             input_ids[0].tolist(),
             max_new_tokens=args.max_new_tokens,
@@ -193,9 +142,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cost = f"{client.last_cost} credits" + (
         " (" + ", ".join(f"{account}: {credits}" for account, credits in charges.items()) + ")" if charges else ""
     )
-    print(f"[{generation.finish_reason}; {source}; cost {cost}; ref {generation.ref[:16]}]", file=sys.stderr,
-          flush=True)  # fmt: skip
+    verified = verified_label(generation.verification)
+    print(f"[{generation.finish_reason}; {source}; cost {cost}; verified {verified}; ref {generation.ref[:16]}]",
+          file=sys.stderr, flush=True)  # fmt: skip
+    for liar in generation.verification.get("liars", []):
+        print(f"[node {liar} was caught returning wrong hidden states: banned and regenerated without]",
+              file=sys.stderr, flush=True)  # fmt: skip
     return 0
+
+
+def cmd_evidence_check(args: argparse.Namespace) -> int:
+    import urllib.request
+
+    from hivegen.client.evidence import check_evidence
+    from hivegen.proto import reports_pb2
+
+    if args.evidence.startswith(("http://", "https://")):
+        with urllib.request.urlopen(args.evidence, timeout=30) as answer:
+            data = answer.read()
+    else:
+        data = Path(args.evidence).read_bytes()
+    try:
+        evidence = reports_pb2.Evidence.FromString(data)
+    except Exception as exc:
+        raise HivegenError(f"{args.evidence} is not hivegen evidence ({exc})") from exc
+    verdict = check_evidence(evidence, _model_path(args.model), device=args.device)
+    print(f"node {evidence.node_id} ({evidence.node_address}), blocks {evidence.start_block}:{evidence.end_block}, "
+          f"{len(evidence.steps)} signed steps")  # fmt: skip
+    print(f"  signatures: {'valid' if verdict.signed else 'INVALID: this evidence proves nothing'}")
+    print(f"  its answer vs re-running the blocks here: error {verdict.error:.3g} (tolerance {verdict.tolerance:.3g})")
+    if verdict.witnesses_error is not None:
+        print(f"  the witnesses' answer vs re-running here: error {verdict.witnesses_error:.3g}")
+    print("proven: the node signed an answer its blocks do not compute" if verdict.proven else "not proven")
+    return 0 if verdict.proven else 1
 
 
 def cmd_models_prepare(args: argparse.Namespace) -> int:
@@ -368,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--store", help="record the generation here (default: $HIVEGEN_STORE, else ~/.hivegen/store)")
     gen.add_argument("--identity", help="key file that pays nodes which charge (default: ~/.hivegen/identity)")
+    gen.add_argument("--coordinator", help="HOST:PORT of the coordinator: reports of lying nodes go there")
+    gen.add_argument("--verify", default="default",
+                     help="re-run node work elsewhere: off, default (sampled), all, or a rate in [0, 1]")  # fmt: skip
+    gen.add_argument("--replay", choices=["any", "verified", "never"], default="any",
+                     help="which stored records may answer at once (default: any)")  # fmt: skip
+    gen.add_argument("--timeout", type=float, help="seconds a node may take per step (default: from measurements)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                      help="wrap the prompt in the tokenizer's chat template (default: if it has one)")  # fmt: skip
     gen.set_defaults(handler=cmd_generate)
@@ -377,6 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("name", help="demo model name, e.g. smollm2")
     prepare.add_argument("--force", action="store_true", help="convert again even if already prepared")
     prepare.set_defaults(handler=cmd_models_prepare)
+
+    evidence = commands.add_parser("evidence", help="evidence against lying nodes").add_subparsers(
+        dest="evidence_cmd", required=True
+    )
+    check = evidence.add_parser("check", help="re-run a node's signed steps here and say whether it lied")
+    check.add_argument("evidence", help="an evidence file (~/.hivegen/evidence/*.pb) or a status page /evidence/ URL")
+    check.add_argument("--model", required=True, help="the checkpoint (or demo model name) the node served")
+    check.add_argument("--device", default="cpu")
+    check.set_defaults(handler=cmd_evidence_check)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(

@@ -52,6 +52,7 @@ class ClusterNode:
     log_file: Path
     home: Path  # its identity and receipt outbox, kept across restarts
     extra_args: list[str]
+    launcher: list[str] | None = None  # the command that runs `hivegen` (default: this Python, -m hivegen)
     address: str = ""
     node_id: str = ""
     account: str = ""  # the credit account it is paid to; empty without a coordinator
@@ -137,10 +138,16 @@ class LocalCluster:
         return self
 
     def spawn_node(
-        self, start: int, end: int, extra_args: list[str] | None = None, home: Path | None = None
+        self,
+        start: int,
+        end: int,
+        extra_args: list[str] | None = None,
+        home: Path | None = None,
+        launcher: list[str] | None = None,
     ) -> ClusterNode:
         """Start a node process for blocks [start, end) (not yet added to `nodes`); `home` reuses a node's
-        identity and receipts, as a restart after a crash would."""
+        identity and receipts, as a restart after a crash would; `launcher` replaces `python -m hivegen` (tests
+        run nodes that misbehave on purpose this way)."""
         index = len(self.nodes)
         home = home if home is not None else self.work_dir / f"node-{index}"
         home.mkdir(parents=True, exist_ok=True)
@@ -149,26 +156,45 @@ class LocalCluster:
         ready.unlink(missing_ok=True)
         extra_args = list(extra_args or [])
         cmd = [
-            sys.executable, "-m", "hivegen", "node", "serve", "--model", str(self.model), "--blocks", f"{start}:{end}",
-            "--host", self.host, "--ready-file", str(ready), "--num-threads", str(self.node_threads),
+            *(launcher or [sys.executable, "-m", "hivegen"]), "node", "serve",
+            "--model", str(self.model), "--blocks", f"{start}:{end}", "--host", self.host,
+            "--ready-file", str(ready), "--num-threads", str(self.node_threads),
             "--initial-peers", *self.initial_peers, *self.node_args, *extra_args,
         ]  # fmt: skip
         if self.dtype:
             cmd += ["--dtype", self.dtype]
+        cmd += ["--identity", str(home / "identity")]  # each node its own key: it signs answers and DHT records
         if self.coordinator_address:
-            cmd += ["--coordinator", self.coordinator_address, "--identity", str(home / "identity"),
-                    "--data", str(home)]  # fmt: skip
+            cmd += ["--coordinator", self.coordinator_address, "--data", str(home)]
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
         with open(log, "ab") as log_fh:
             process = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        return ClusterNode((start, end), process, ready, log, home, extra_args)
+        return ClusterNode((start, end), process, ready, log, home, extra_args, launcher)
+
+    def add_node(
+        self, start: int, end: int, extra_args: list[str] | None = None, launcher: list[str] | None = None
+    ) -> ClusterNode:
+        """Start one more node for blocks [start, end) in the running cluster; return once it is announced."""
+        node = self.spawn_node(start, end, extra_args=extra_args, launcher=launcher)
+        self.nodes.append(node)
+        try:
+            self.wait_ready([node])
+            assert self.dht is not None
+            deadline = time.monotonic() + self.startup_timeout
+            while node.node_id not in fetch_spans(self.dht, self.model_key, self.num_blocks):
+                self._check_deadline(deadline, [node])
+                time.sleep(0.2)
+        except BaseException:
+            self.stop_node(len(self.nodes) - 1, signal.SIGKILL)
+            raise
+        return node
 
     def restart_node(self, index: int) -> ClusterNode:
         """Start node `index` again (after it stopped or was killed) with the same identity, receipts and blocks."""
         old = self.nodes[index]
         if old.process.poll() is None:
             raise ClusterError(f"node {index} (pid {old.pid}) is still running; stop it first")
-        node = self.spawn_node(*old.blocks, extra_args=old.extra_args, home=old.home)
+        node = self.spawn_node(*old.blocks, extra_args=old.extra_args, home=old.home, launcher=old.launcher)
         self.nodes[index] = node
         self.wait_ready([node])
         return node

@@ -108,3 +108,26 @@ class JournalError(CreditsError):
     def __init__(self, row: int, detail: str) -> None:
         self.row = row
         super().__init__(f"credit journal fails verification at row {row}: {detail}")
+
+
+class VerificationError(HivegenError):
+    """Re-execution on other nodes could not settle whether a node's answer was right (no third node to break a
+    tie, or three nodes that all disagree); nothing is committed. `nodes` names the nodes involved."""
+
+    def __init__(self, message: str, nodes: list[str]) -> None:
+        self.nodes = nodes
+        super().__init__(message)
+
+
+class GenerationRetracted(HivegenError):
+    """Verification proved that a node's wrong answer shaped the tokens from index `valid_tokens` on: those
+    tokens (already streamed) are void. The liar is banned; generate again with `generated=` set to the first
+    `valid_tokens` tokens to continue from the last good one (`generate()` and `Client` do this themselves)."""
+
+    def __init__(self, valid_tokens: int, liars: list[str]) -> None:
+        self.valid_tokens = valid_tokens
+        self.liars = liars
+        super().__init__(
+            f"node(s) {', '.join(liars)} returned wrong hidden states; tokens from index {valid_tokens} on are void "
+            "and must be generated again (the node is banned)"
+        )

@@ -14,3 +14,11 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(target)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` so a reader sees either nothing or the whole file (write, then rename)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(target)

@@ -13,6 +13,7 @@ import torch
 
 from hivegen.cluster import LocalCluster
 from hivegen.credits.identity import IDENTITY_ENV
+from hivegen.model.demo import hivegen_home
 from hivegen.model.tiny import make_tiny_checkpoint
 
 torch.set_num_threads(1)
@@ -34,18 +35,25 @@ def wait_for(predicate: Callable[[], T], timeout: float = 120.0, what: str = "co
 
 
 @pytest.fixture(scope="session", autouse=True)
-def client_identity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Clients in tests sign with a throwaway identity, not the user's ~/.hivegen/identity."""
-    path = tmp_path_factory.mktemp("identity") / "identity"
-    previous = os.environ.get(IDENTITY_ENV)
-    os.environ[IDENTITY_ENV] = str(path)
+def private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tests never touch the user's ~/.hivegen: a private HIVEGEN_HOME (ban list, evidence, default store) and a
+    throwaway HIVEGEN_IDENTITY. Prepared demo models are shared with the real home (a symlink), so the SmolLM2
+    conversion is not redone for every run."""
+    home = tmp_path_factory.mktemp("hivegen-home")
+    real_models = hivegen_home() / "models"
+    real_models.mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(real_models, target_is_directory=True)
+    saved = {name: os.environ.get(name) for name in ("HIVEGEN_HOME", IDENTITY_ENV)}
+    os.environ["HIVEGEN_HOME"] = str(home)
+    os.environ[IDENTITY_ENV] = str(home / "identity")
     try:
-        yield path
+        yield home
     finally:
-        if previous is None:
-            os.environ.pop(IDENTITY_ENV, None)
-        else:
-            os.environ[IDENTITY_ENV] = previous
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

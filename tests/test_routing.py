@@ -5,13 +5,19 @@ from __future__ import annotations
 import pytest
 
 from hivegen.client.routing import RoutingCosts, plan_route
-from hivegen.dht import SpanRecord
+from hivegen.dht import SpanRecord, owned_subkey
 from hivegen.errors import NoRouteError, format_blocks
+
+OWNER_KEY = "ab" * 32  # node ids are "<peer id>@<owner key>"; routing never checks the key
+
+
+def nid(name: str) -> str:
+    return owned_subkey(name, OWNER_KEY)
 
 
 def span(node: str, start: int, end: int, throughput: float = 100.0, cache: int = 10_000, state: str = "online"):
     return SpanRecord(
-        node, f"127.0.0.1:{5000 + start * 10 + end}", start, end, throughput, cache, "float32", "0", state
+        nid(node), f"127.0.0.1:{5000 + start * 10 + end}", start, end, throughput, cache, "float32", "0", state
     )
 
 
@@ -20,7 +26,7 @@ def spans(*records: SpanRecord) -> dict[str, SpanRecord]:
 
 
 def hops(route: list) -> list[tuple[str, int, int]]:
-    return [(h.node_id, h.start, h.end) for h in route]
+    return [(h.node_id.partition("@")[0], h.start, h.end) for h in route]
 
 
 def test_overlapping_spans_prefer_fewer_hops() -> None:
@@ -53,12 +59,12 @@ def test_node_short_on_cache_is_penalised() -> None:
 
 def test_excluded_and_offline_nodes_are_not_used() -> None:
     records = spans(span("full", 0, 6), span("off", 0, 6, state="offline"), span("a", 0, 3), span("b", 3, 6))
-    route = plan_route(records, "m", 0, 6, exclude={"full"})
+    route = plan_route(records, "m", 0, 6, exclude={nid("full")})
     assert hops(route) == [("a", 0, 3), ("b", 3, 6)]
 
 
 def test_sub_range_route_for_failover() -> None:
-    route = plan_route(spans(span("a", 0, 6), span("b", 2, 4)), "m", 2, 4, exclude={"a"})
+    route = plan_route(spans(span("a", 0, 6), span("b", 2, 4)), "m", 2, 4, exclude={nid("a")})
     assert hops(route) == [("b", 2, 4)]
 
 

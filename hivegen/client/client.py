@@ -1,6 +1,7 @@
 """Client: generations as records. Every generation is committed to a content-addressed store, and
 a request the store can answer (exactly, as a prefix, or by continuing a shorter run) spends no
-more of the swarm's compute than it must."""
+more of the swarm's compute than it must. A record says how the nodes' work behind it was verified; a
+generation whose verification failed is never committed."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from hivegen.store.directory import open_store
 from hivegen.store.index import GenerationIndex
 from hivegen.store.records import Generation, GenerationRequest, ModelRef
 
+REPLAY_POLICIES = ("any", "verified", "never")
+
 
 class Client:
     """Generate through the swarm with records: `generate`, `resample`, `trace`."""
@@ -41,10 +44,23 @@ class Client:
         eos_token_ids: Sequence[int] | None = None,
         identity: Identity | str | Path | None = None,
         coordinator: str | None = None,
+        verify: Any = None,
+        replay: str = "any",
+        timeout: float | None = None,
         **remote_kwargs: Any,
     ) -> None:
         """`identity` (an Identity or key file; default ~/.hivegen/identity) signs the receipts that pay nodes
-        which charge credits; `coordinator` (HOST:PORT of the ledger) lets `balance()` read what is left."""
+        which charge credits; `coordinator` (HOST:PORT of the ledger) lets `balance()` read what is left and
+        receives reports of nodes caught lying.
+
+        `verify` ("off", None for the default sampling, a rate in [0, 1], or "all") says how much node work is
+        re-executed on other nodes; `replay` says which records may answer a request: "any", "verified" (only
+        records whose every hop was re-executed and matched) or "never"; `timeout` fixes the seconds a node
+        may take per step (default: 10x its measured step time, at least 2 s). Other keyword arguments go to
+        RemoteModelForCausalLM.from_pretrained."""
+        if replay not in REPLAY_POLICIES:
+            raise ValueError(f"replay must be one of {REPLAY_POLICIES}, not {replay!r}")
+        self.replay = replay
         self.path = resolve_model_path(str(model))
         self.checkpoint = ModelCheckpoint.open(self.path)
         self.model_ref = ModelRef(self.checkpoint.name, self.checkpoint.digest)
@@ -52,7 +68,8 @@ class Client:
         self.index = GenerationIndex(self.store)
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.path)
         self.initial_peers = list(initial_peers)
-        self._remote_kwargs = {**remote_kwargs, "identity": identity}
+        self._remote_kwargs = {**remote_kwargs, "identity": identity, "coordinator": coordinator, "verify": verify,
+                               "timeout": timeout}  # fmt: skip
         self.coordinator = coordinator
         self.last_cost = 0  # credits the last generate/resample/run_request signed for (0 for a replay)
         self._remote: RemoteModelForCausalLM | None = None  # joined only when the network is needed
@@ -81,16 +98,19 @@ class Client:
         seed: int | None = None,
         stop: Sequence[str] = (),
         streamer: Streamer | None = None,
+        timeout: float | None = None,
     ) -> Generation:
         """Generate (greedy unless a temperature > 0 is given) and commit the record; replay when possible.
 
-        `streamer` (transformers' protocol) gets the prompt, then each token as it is chosen or replayed.
+        `streamer` (transformers' protocol) gets the prompt, then each token as it is chosen or replayed; if
+        verification retracts tokens (a node was caught lying), it gets the prompt and the tokens that stand
+        again, then the rest. `timeout` fixes the seconds a node may take per step for this generation.
         """
         request = self.request(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                stop=stop)  # fmt: skip
         if streamer is not None:
             streamer.put(torch.tensor([request.prompt_ids]))
-        run = functools.partial(self.run_request, streamer=streamer)
+        run = functools.partial(self.run_request, streamer=streamer, timeout=timeout)
         generation = self._trace.call(request, run) if self._trace is not None else run(request)
         if streamer is not None:
             if generation.replayed:
@@ -148,13 +168,17 @@ class Client:
         return TraceRecorder(self, name, replay=replay, strict=strict)
 
     def run_request(
-        self, request: GenerationRequest, parent: str | None = None, streamer: Streamer | None = None
+        self,
+        request: GenerationRequest,
+        parent: str | None = None,
+        streamer: Streamer | None = None,
+        timeout: float | None = None,
     ) -> Generation:
         """Answer `request` from the store if it can, else from the swarm; commit and return the record."""
         if request.do_sample and request.seed is None:
             request = replace(request, seed=secrets.randbits(63))
         self.last_cost = 0
-        reuse = self.index.plan(request)
+        reuse = self.index.plan(request, accept=self._replayable)
         if reuse.mode == "replay" and reuse.source is not None:
             source = reuse.source
             if source.request_ref == request.ref:
@@ -163,8 +187,12 @@ class Client:
                                 parent=source.ref, created_at=time.time())  # fmt: skip
             return replace(self.index.commit(record), replayed=True)
         if reuse.mode == "continue" and reuse.source is not None:
-            return self.index.commit(self._run(request, reuse.tokens, reuse.source.ref, streamer))
-        return self.index.commit(self._run(request, request.prefix_ids, parent, streamer))
+            return self.index.commit(self._run(request, reuse.tokens, reuse.source.ref, streamer, timeout))
+        return self.index.commit(self._run(request, request.prefix_ids, parent, streamer, timeout))
+
+    def _replayable(self, generation: Generation) -> bool:
+        """Whether the replay policy lets `generation` answer a request."""
+        return self.replay == "any" or (self.replay == "verified" and generation.verified)
 
     @property
     def identity(self) -> Identity:
@@ -191,37 +219,55 @@ class Client:
         self.close()
 
     def _run(
-        self, request: GenerationRequest, generated: Sequence[int], parent: str | None, streamer: Streamer | None
+        self,
+        request: GenerationRequest,
+        generated: Sequence[int],
+        parent: str | None,
+        streamer: Streamer | None,
+        timeout: float | None = None,
     ) -> Generation:
         remote = self.remote
         tokens = list(generated)
         if streamer is not None and tokens:
             streamer.put(torch.tensor(tokens))
-        finish = "length"
-        stream = remote.generate_stream(
+
+        def on_token(token: torch.Tensor) -> None:
+            tokens.append(int(token))
+            if streamer is not None:
+                streamer.put(token)
+
+        def on_retract(valid: int) -> None:
+            del tokens[valid:]
+            if streamer is not None:  # what was shown is void: show the prompt and the tokens that stand again
+                streamer.put(torch.tensor(request.prompt_ids))
+                streamer.put(torch.tensor(tokens))
+
+        def stop(_: torch.Tensor) -> bool:
+            if tokens[-1] in request.eos_token_ids:
+                return True
+            return bool(request.stop) and self._stop_index(tokens, request) is not None
+
+        report = remote.generate_checked(
             torch.tensor([request.prompt_ids]),
-            max_new_tokens=request.max_new_tokens,
+            None,
+            request.max_new_tokens,
+            on_token,
+            on_retract,
+            generated=torch.tensor([tokens]) if tokens else None,
             do_sample=request.do_sample,
             temperature=request.temperature,
             top_k=request.top_k,
             top_p=request.top_p,
             seed=request.seed,
             eos_token_id=list(request.eos_token_ids),
-            generated=torch.tensor([tokens]) if tokens else None,
+            stop=stop,
+            timeout=timeout,
         )
-        try:
-            for token in stream:
-                tokens.append(int(token))
-                if streamer is not None:
-                    streamer.put(token)
-                if tokens[-1] in request.eos_token_ids:
-                    finish = "eos"
-                    break
-                if request.stop and self._stop_index(tokens, request) is not None:
-                    finish = "stop"
-                    break
-        finally:
-            stream.close()  # ends the inference session now: nodes that charge get their final receipt
+        finish = "length"
+        if tokens and tokens[-1] in request.eos_token_ids:
+            finish = "eos"
+        elif request.stop and self._stop_index(tokens, request) is not None:
+            finish = "stop"
         self.last_cost = remote.last_cost
         steps = [t.seconds for t in remote.last_timings]
         positions = len(request.prompt_ids) + len(generated) + max(0, len(steps) - 1)
@@ -236,6 +282,7 @@ class Client:
                   "block_positions": (positions if steps else 0) * self.checkpoint.num_blocks},
             parent=parent,
             created_at=time.time(),
+            verification=report.to_record(),
         )  # fmt: skip
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Generator, Sequence
+from collections.abc import Callable, Collection, Generator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -10,12 +10,15 @@ import hivemind
 import torch
 from transformers import GenerationConfig
 
+from hivegen.client.bans import BanList
 from hivegen.client.payer import Payer
 from hivegen.client.routing import Hop, RoutingCosts
 from hivegen.client.sampling import SamplingParams, choose_next
-from hivegen.client.session import InferenceSession, StepTiming
+from hivegen.client.session import FAILOVER_SECONDS, InferenceSession, StepTiming
 from hivegen.client.swarm import SwarmView
+from hivegen.client.verify import Reporter, VerificationReport, Verifier, VerifyPolicy
 from hivegen.credits.identity import Identity
+from hivegen.errors import GenerationRetracted, VerificationError
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.head import ClientHead, position_ids_from_mask
 from hivegen.proto.tensors import dtype_from_name
@@ -29,14 +32,31 @@ class Streamer(Protocol):
     def end(self) -> None: ...
 
 
+MAX_RETRACTIONS = 4  # regenerations after proven lies in one generate() (each bans at least one node)
+
+
 class RemoteModelForCausalLM:
-    """Embeddings, final norm and LM head run here; every decoder block runs on remote nodes."""
+    """Embeddings, final norm and LM head run here; every decoder block runs on remote nodes.
+
+    Nodes' answers are checked as they arrive, and re-executed on other nodes as `verifier.policy` says once
+    a generation ends; `timeout` fixes the step deadline (default: from measurements of each node).
+    """
 
     def __init__(
-        self, checkpoint: ModelCheckpoint, head: ClientHead, swarm: SwarmView, payer: Payer | None = None
+        self,
+        checkpoint: ModelCheckpoint,
+        head: ClientHead,
+        swarm: SwarmView,
+        payer: Payer | None = None,
+        verifier: Verifier | None = None,
+        timeout: float | None = None,
+        failover_seconds: float = FAILOVER_SECONDS,
     ) -> None:
         self.checkpoint = checkpoint
         self.payer = payer
+        self.verifier = verifier if verifier is not None else Verifier(VerifyPolicy())
+        self.timeout = timeout
+        self.failover_seconds = failover_seconds
         self.config = checkpoint.config
         self.head = head
         self.swarm = swarm
@@ -48,6 +68,7 @@ class RemoteModelForCausalLM:
         self.last_route: list[Hop] = []
         self.last_timings: list[StepTiming] = []
         self.last_charges: dict[str, int] = {}  # node account -> credits signed for, in the last generation
+        self.last_verification = VerificationReport(self.verifier.policy.mode)  # of the last generation
 
     @classmethod
     def from_pretrained(
@@ -63,36 +84,64 @@ class RemoteModelForCausalLM:
         route_wait: float = 10.0,
         spans_ttl: float = 5.0,
         identity: Identity | str | Path | None = None,
+        verify: VerifyPolicy | str | float | bool | None = None,
+        timeout: float | None = None,
+        failover_seconds: float = FAILOVER_SECONDS,
+        bans: BanList | str | Path | None = None,
+        coordinator: str | None = None,
     ) -> RemoteModelForCausalLM:
         """Load only the local parts of the checkpoint in `path` and join the swarm via `initial_peers`.
 
         Nodes that charge credits are paid with receipts signed by `identity` (an Identity or a key file;
         default: ~/.hivegen/identity, created on first use).
+
+        `verify` says how much node work is re-executed on other nodes: "off", None (the default sampling),
+        a rate in [0, 1], or "all". Nodes caught lying are banned in `bans` (a BanList or a JSON file; default
+        ~/.hivegen/banned-nodes.json) and reported to `coordinator` (HOST:PORT) with evidence. `timeout` fixes
+        the seconds a node may take per step (default: 10x its measured step time, at least 2 s);
+        `failover_seconds` bounds how long one step keeps routing around failed nodes.
         """
         checkpoint = ModelCheckpoint.open(path)
         if isinstance(dtype, str):
             dtype = dtype_from_name(dtype)
         head = ClientHead(checkpoint, dtype=dtype or checkpoint.default_dtype(device), device=device)
+        if not isinstance(bans, BanList):
+            bans = BanList.default() if bans is None else BanList(Path(bans))
         swarm = SwarmView(
             checkpoint.model_key,
             checkpoint.num_blocks,
             initial_peers,
+            hidden_size=int(checkpoint.config.hidden_size),
             dht=dht,
             costs=costs,
             allowed_nodes=allowed_nodes,
             route_wait=route_wait,
             spans_ttl=spans_ttl,
+            bans=bans,
         )
         payer = Payer(checkpoint.model_key, head.skeleton.block_parameters(), identity)
-        return cls(checkpoint, head, swarm, payer)
+        reporter = _coordinator_reporter(coordinator, payer) if coordinator else None
+        verifier = Verifier(VerifyPolicy.parse(verify), report=reporter)
+        return cls(checkpoint, head, swarm, payer, verifier, timeout=timeout, failover_seconds=failover_seconds)
 
     @property
     def last_cost(self) -> int:
         """Credits the last generation's receipts let nodes collect (0 when every node served for free)."""
         return sum(self.last_charges.values())
 
-    def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
-        return InferenceSession(self.swarm, max_length=max_length, batch_size=batch_size, payer=self.payer)
+    def inference_session(self, max_length: int, batch_size: int = 1, timeout: float | None = None) -> InferenceSession:
+        """A session through every block; `timeout` (default: the model's) fixes the seconds a node may take per
+        step, else each node's deadline comes from the client's measurements of it."""
+        return InferenceSession(
+            self.swarm,
+            max_length=max_length,
+            batch_size=batch_size,
+            payer=self.payer,
+            timeout=self.timeout if timeout is None else timeout,
+            failover_seconds=self.failover_seconds,
+            attest=self.verifier.policy.enabled,
+            on_fault=self.verifier.convict_fault,
+        )
 
     def generate(
         self,
@@ -102,19 +151,79 @@ class RemoteModelForCausalLM:
         streamer: Streamer | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Like transformers' generate: returns [batch, prompt + new] token ids, finished rows padded."""
+        """Like transformers' generate: returns [batch, prompt + new] token ids, finished rows padded.
+
+        Tokens that verification retracts (a node was caught lying) are generated again without the liar; a
+        streamer has already been shown them, so it gets the prompt and every token again after a retraction.
+        """
         if streamer is not None:
             streamer.put(input_ids.cpu())
         new: list[torch.Tensor] = []
-        for tokens in self.generate_stream(input_ids, attention_mask, max_new_tokens, **kwargs):
+
+        def on_token(tokens: torch.Tensor) -> None:
             new.append(tokens)
             if streamer is not None:
                 streamer.put(tokens.cpu())
+
+        def on_retract(valid: int) -> None:
+            del new[valid:]
+            if streamer is not None:  # start over: the prompt and the tokens that stand
+                streamer.put(input_ids.cpu())
+                for tokens in new:
+                    streamer.put(tokens.cpu())
+
+        self.generate_checked(input_ids, attention_mask, max_new_tokens, on_token, on_retract, **kwargs)
         if streamer is not None:
             streamer.end()
         if not new:
             return input_ids
         return torch.cat([input_ids.cpu(), torch.stack(new, dim=1)], dim=1)
+
+    def generate_checked(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        on_token: Callable[[torch.Tensor], None],
+        on_retract: Callable[[int], None],
+        *,
+        generated: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> VerificationReport:
+        """Run generate_stream to its end, regenerating whatever verification retracts.
+
+        `on_token` gets each step's tokens; `on_retract(n)` says that only the first n generated tokens
+        (counting `generated`) stand, and generation resumes after them. Returns what verification found over
+        every run (also in `last_verification`); `last_charges` sums the credits of every run.
+        """
+        kept: list[torch.Tensor] = [] if generated is None else list(generated.unbind(dim=1))
+        report = VerificationReport(self.verifier.policy.mode)
+        charges: dict[str, int] = {}
+        try:
+            for _ in range(MAX_RETRACTIONS + 1):
+                prefix = torch.stack(kept, dim=1) if kept else None
+                try:
+                    for tokens in self.generate_stream(input_ids, attention_mask, max_new_tokens, generated=prefix,
+                                                       **kwargs):  # fmt: skip
+                        kept.append(tokens)
+                        on_token(tokens)
+                except GenerationRetracted as exc:
+                    report.merge(self.last_verification)
+                    del kept[exc.valid_tokens :]
+                    on_retract(exc.valid_tokens)
+                    continue
+                finally:
+                    for account, credits in self.last_charges.items():
+                        charges[account] = charges.get(account, 0) + credits
+                report.merge(self.last_verification)
+                return report
+            raise VerificationError(
+                f"generation retracted {MAX_RETRACTIONS + 1} times: too many lying nodes ({', '.join(report.liars)})",
+                report.liars,
+            )
+        finally:
+            self.last_charges = charges
+            self.last_verification = report
 
     def generate_stream(
         self,
@@ -130,12 +239,20 @@ class RemoteModelForCausalLM:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         generated: torch.Tensor | None = None,
+        stop: Callable[[torch.Tensor], bool] | None = None,
+        timeout: float | None = None,
     ) -> Generator[torch.Tensor, None, None]:
         """Yield the next token of every row, one step at a time ([batch] tensors).
 
         `generated` [batch, k] continues a run that already produced k of the max_new_tokens: one
         prefill of prompt + those tokens, then sampling resumes at position k exactly as an
-        uninterrupted run would have (the sampler is keyed by seed and position).
+        uninterrupted run would have (the sampler is keyed by seed and position). `stop(tokens)`, called after
+        each step's tokens are yielded, ends the generation early when it returns True. `timeout` fixes the
+        seconds a node may take per step (default: 10x its measured step time, at least 2 s).
+
+        When the generation ends (not when the caller closes the generator early), the verifier re-executes
+        hops as its policy says, before the nodes are paid; if it proves that a node lied, the generator raises
+        GenerationRetracted naming how many tokens stand (`generate` resumes from there by itself).
         """
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, length>0], got shape {list(input_ids.shape)}")
@@ -151,6 +268,7 @@ class RemoteModelForCausalLM:
         pad = pad_token_id if pad_token_id is not None else self.generation_config.pad_token_id
         pad = pad if pad is not None else (eos[0] if eos else 0)
         self.last_route, self.last_timings, self.last_charges = [], [], {}
+        self.last_verification = VerificationReport(self.verifier.policy.mode)
         done = 0 if generated is None else int(generated.shape[1])
         if generated is not None and (generated.ndim != 2 or generated.shape[0] != input_ids.shape[0]):
             raise ValueError(f"generated must be [batch, k], got shape {list(generated.shape)}")
@@ -165,7 +283,7 @@ class RemoteModelForCausalLM:
         step_mask = mask
         unfinished = torch.ones(batch, dtype=torch.bool)
         eos_tensor = torch.tensor(eos, dtype=torch.long)
-        session = self.inference_session(prompt_len + max_new_tokens, batch)
+        session = self.inference_session(prompt_len + max_new_tokens, batch, timeout)
         try:
             self.last_route = session.route
             self.last_timings = session.timings
@@ -177,11 +295,15 @@ class RemoteModelForCausalLM:
                     unfinished &= ~torch.isin(tokens, eos_tensor)
                 self.last_route = session.route
                 yield tokens
-                if not bool(unfinished.any()) or index + 1 == max_new_tokens:
+                if not bool(unfinished.any()) or index + 1 == max_new_tokens or (stop is not None and stop(tokens)):
                     break
                 positions = positions[:, -1:] + 1
                 step_mask = torch.ones((batch, 1), dtype=torch.int64)
                 hidden = self.head.embed(tokens[:, None])
+            report = self.verifier.verify(session)  # before the nodes are paid: liars are not
+            self.last_verification = report
+            if report.first_bad_step is not None:
+                raise GenerationRetracted(done + report.first_bad_step, report.liars)
         finally:
             session.close()  # settles with the nodes that charge
             self.last_charges = session.charges
@@ -217,3 +339,13 @@ class RemoteModelForCausalLM:
         if eos is None:
             return []
         return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def _coordinator_reporter(coordinator: str, payer: Payer) -> Reporter:
+    """Send evidence against lying nodes to the coordinator, signed by the client's identity."""
+    from hivegen.coordinator.client import report_node
+
+    def report(evidence: Any) -> None:
+        report_node(coordinator, payer.identity, evidence)
+
+    return report

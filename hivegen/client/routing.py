@@ -1,4 +1,8 @@
-"""Choose a chain of nodes that covers every block with the lowest estimated time per token."""
+"""Choose a chain of nodes that covers every block with the lowest estimated time per token.
+
+A node's speed is what the client measured of it (HealthBook.measured) once it has used it; until then, the
+throughput its DHT record claims. A claim is a stranger's word: it only decides which unmeasured node to try.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +18,17 @@ from hivegen.errors import NoRouteError
 class Hop:
     """One link of a route: blocks [start, end) served by one node."""
 
-    node_id: str
+    node_id: str  # "<peer id>@<owner key>"
     address: str
     start: int
     end: int
     dtype: str
+    block_seconds: float = 0.0  # expected seconds per block per position (measured, else claimed)
+
+    @property
+    def owner(self) -> str:
+        """The node's Ed25519 public key (hex): it signs the node's DHT records and answers."""
+        return self.node_id.rpartition("@")[2]
 
 
 @dataclass(frozen=True)
@@ -29,9 +39,17 @@ class RoutingCosts:
     low_cache_seconds: float = 1.0  # penalty for a node without room for the session's cache
 
 
-def step_seconds(span: SpanRecord, start: int, end: int, needed_tokens: int, costs: RoutingCosts) -> float:
-    """Estimated seconds for `span`'s node to run blocks [start, end) for one decode step."""
-    per_block = 1.0 / (max(span.throughput, 1e-9) * (span.end - span.start))
+def claimed_block_seconds(span: SpanRecord) -> float:
+    """Seconds per block per decode step that the record's claimed throughput implies."""
+    return 1.0 / (max(span.throughput, 1e-9) * (span.end - span.start))
+
+
+def step_seconds(
+    span: SpanRecord, start: int, end: int, needed_tokens: int, costs: RoutingCosts, measured: float | None = None
+) -> float:
+    """Estimated seconds for `span`'s node to run blocks [start, end) for one decode step; `measured` (seconds
+    per block, from the client's own timing of the node) wins over the record's claim."""
+    per_block = claimed_block_seconds(span) if measured is None else measured
     penalty = costs.low_cache_seconds if span.cache_tokens_free < needed_tokens else 0.0
     return costs.hop_seconds + (end - start) * per_block + penalty
 
@@ -45,10 +63,12 @@ def plan_route(
     needed_tokens: int = 0,
     exclude: Collection[str] = (),
     costs: RoutingCosts | None = None,
+    measured: Mapping[str, float] | None = None,
 ) -> list[Hop]:
     """Cheapest chain covering blocks [start, end): a shortest path over block boundaries, where each
     node may serve any sub-range of its span. Raises NoRouteError naming the blocks nobody serves."""
     costs = costs or RoutingCosts()
+    measured = measured or {}
     usable = [s for node, s in spans.items() if node not in exclude and s.state == "online"]
     missing = [b for b in range(start, end) if not any(s.start <= b < s.end for s in usable)]
     if missing:
@@ -66,7 +86,7 @@ def plan_route(
             if not span.start <= boundary < span.end:
                 continue
             for stop in range(boundary + 1, min(span.end, end) + 1):
-                total = cost + step_seconds(span, boundary, stop, needed_tokens, costs)
+                total = cost + step_seconds(span, boundary, stop, needed_tokens, costs, measured.get(span.node_id))
                 if total < best.get(stop, float("inf")):
                     best[stop] = total
                     came_from[stop] = (boundary, span)
@@ -75,6 +95,7 @@ def plan_route(
     boundary = end
     while boundary > start:
         previous, span = came_from[boundary]
-        route.append(Hop(span.node_id, span.address, previous, boundary, span.dtype))
+        per_block = measured.get(span.node_id, claimed_block_seconds(span))
+        route.append(Hop(span.node_id, span.address, previous, boundary, span.dtype, per_block))
         boundary = previous
     return route[::-1]

@@ -1,13 +1,16 @@
-"""Inference sessions: hidden states streamed through a chain of nodes, each keeping its own KV cache."""
+"""Inference sessions: hidden states streamed through a chain of nodes, each keeping its own KV cache.
+
+A node that fails, hangs, or answers wrongly (SpanSession's checks) is dropped; its blocks are routed anew and
+the inputs it was sent are replayed to the replacement, so tokens do not change. Fail-over is bounded by time,
+not by a count: a swarm full of records that point nowhere costs a few fast failures, and the session keeps
+going while honest nodes still cover every block.
+"""
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -15,11 +18,17 @@ import torch
 
 from hivegen.client.payer import Payer
 from hivegen.client.routing import Hop
+from hivegen.client.span import (
+    BAD_IDENTITY,
+    BAD_OUTPUT,
+    BAD_PRICE,
+    BAD_SIGNATURE,
+    ProvenFault,
+    SpanSession,
+    StepInputs,
+)
 from hivegen.client.swarm import SwarmView
-from hivegen.credits.receipts import INSUFFICIENT_CREDITS, WORK_UNITS_PER_CREDIT
-from hivegen.errors import InsufficientCredits, NoRouteError, RemoteError, SessionError
-from hivegen.proto import ledger_pb2, node_pb2
-from hivegen.proto.tensors import deserialize, dtype_from_name, serialize
+from hivegen.errors import NoRouteError, RemoteError, SessionError
 
 logger = logging.getLogger(__name__)
 
@@ -34,172 +43,11 @@ RETRIABLE_CODES = frozenset(
         grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.RESOURCE_EXHAUSTED,  # node full
     )
-) | {"BAD_PRICE"}  # a node that counts a block's parameters differently from the checkpoint
-_CLOSE = object()
-SETTLE_TIMEOUT = 10.0  # seconds to wait for a node to acknowledge the final receipt
+) | {BAD_PRICE, BAD_OUTPUT, BAD_SIGNATURE, BAD_IDENTITY}
+FAILOVER_SECONDS = 60.0  # how long one step may keep routing around failed nodes before giving up
+FaultHandler = Callable[["InferenceSession", SpanSession, ProvenFault], None]
 
-
-@dataclass
-class StepInputs:
-    """What was sent to a hop in one step: enough to rebuild its cache on a replacement node."""
-
-    hidden: torch.Tensor
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-
-class SpanSession:
-    """One bidirectional stream to one node, serving blocks [hop.start, hop.end) for a session.
-
-    With a node that charges, every step carries the receipt for the work of the steps before it and
-    `settle` sends the receipt for all of it; `work` counts parameter-tokens as the node does.
-    """
-
-    def __init__(
-        self, swarm: SwarmView, hop: Hop, max_length: int, batch_size: int, timeout: float, payer: Payer | None = None
-    ) -> None:
-        self.hop = hop
-        self.session_id = uuid.uuid4().hex
-        self.timeout = timeout
-        self.dtype = dtype_from_name(hop.dtype)
-        self.history: list[StepInputs] = []
-        self.payer = payer
-        self.node_account = ""  # set by the node's answer; empty if it serves for free
-        self.work = 0  # parameter-tokens this node has done in the session
-        self.signed_work = 0  # the most work a receipt signed so far pays for
-        self._signed_seq = 0
-        self._requests: queue.Queue[object] = queue.Queue()
-        self._responses: queue.Queue[object] = queue.Queue()
-        self._call = swarm.stub(hop.address).Inference(self._request_iter())
-        self._reader = threading.Thread(target=self._read, daemon=True, name=f"hivegen-read-{hop.address}")
-        self._reader.start()
-        request = node_pb2.InferenceRequest(
-            open=node_pb2.OpenSession(
-                session_id=self.session_id,
-                model_key=swarm.model_key,
-                start_block=hop.start,
-                end_block=hop.end,
-                max_length=max_length,
-                batch_size=batch_size,
-                client_account=payer.identity.account if payer else "",
-                client_key=payer.identity.public_key_hex if payer else "",
-            )
-        )
-        try:
-            opened = self._exchange(request)
-            if opened.WhichOneof("kind") != "opened":
-                raise RemoteError(hop.address, "INTERNAL", "expected `opened` as the first answer")
-            self.node_account = opened.opened.node_account
-            if self.node_account:
-                self._check_price(opened.opened.params_per_token)
-        except BaseException:
-            self.close()  # ends the stream and its reader thread
-            raise
-
-    @property
-    def paid(self) -> bool:
-        return bool(self.node_account) and self.payer is not None
-
-    @property
-    def credits(self) -> int:
-        """Credits the receipts signed so far let this node collect."""
-        return self.signed_work // WORK_UNITS_PER_CREDIT
-
-    def step(self, inputs: StepInputs) -> tuple[torch.Tensor, float]:
-        """Send one step; return the hop's output hidden states and the node's compute seconds."""
-        step = node_pb2.Step(
-            session_id=self.session_id,
-            step_id=len(self.history),
-            hidden_states=serialize(inputs.hidden.to(self.dtype)),
-            position_ids=serialize(inputs.position_ids),
-            attention_mask=serialize(inputs.attention_mask),
-        )
-        if self.paid and self.history:
-            step.receipt.CopyFrom(self._receipt())
-        response = self._exchange(node_pb2.InferenceRequest(step=step))
-        self.history.append(inputs)
-        if self.payer is not None:
-            self.work += inputs.hidden.shape[0] * inputs.hidden.shape[1] * self._params_per_token
-        return deserialize(response.result.hidden_states), response.result.compute_seconds
-
-    def settle(self) -> None:
-        """Pay for every step so far with one last receipt (on a node that charges); failures are logged."""
-        if not self.paid or not self.history or self._signed_seq == len(self.history):
-            return
-        settle = node_pb2.Settle(session_id=self.session_id, receipt=self._receipt())
-        try:
-            answer = self._exchange(node_pb2.InferenceRequest(settle=settle), timeout=min(self.timeout, SETTLE_TIMEOUT))
-            if answer.WhichOneof("kind") != "settled":
-                raise RemoteError(self.hop.address, "INTERNAL", "expected `settled` in answer to `settle`")
-        except RemoteError as exc:
-            logger.warning("could not settle session %s with %s: %s", self.session_id, self.hop.address, exc)
-
-    def close(self) -> None:
-        self._requests.put(_CLOSE)
-        self._call.cancel()
-
-    @property
-    def _params_per_token(self) -> int:
-        assert self.payer is not None
-        return self.payer.params_per_token(self.hop.start, self.hop.end)
-
-    def _check_price(self, node_params: int) -> None:
-        if node_params != self._params_per_token:
-            raise RemoteError(
-                self.hop.address,
-                "BAD_PRICE",
-                f"the node counts {node_params} parameters per token for blocks {self.hop.start}:{self.hop.end}; "
-                f"the checkpoint has {self._params_per_token}",
-            )
-
-    def _receipt(self) -> ledger_pb2.Receipt:
-        assert self.payer is not None
-        self._signed_seq = len(self.history)
-        self.signed_work = self.work
-        return self.payer.receipt(self.session_id, self.node_account, self._signed_seq, self.work)
-
-    def _exchange(self, request: node_pb2.InferenceRequest, timeout: float | None = None) -> node_pb2.InferenceResponse:
-        self._requests.put(request)
-        timeout = self.timeout if timeout is None else timeout
-        try:
-            item = self._responses.get(timeout=timeout)
-        except queue.Empty:
-            self._call.cancel()
-            raise RemoteError(self.hop.address, "DEADLINE_EXCEEDED", f"no answer within {timeout:.0f} s") from None
-        if isinstance(item, grpc.RpcError):
-            code = item.code() if hasattr(item, "code") else grpc.StatusCode.UNKNOWN
-            details = item.details() if hasattr(item, "details") else str(item)
-            _raise_insufficient(item, self.hop.address)
-            raise RemoteError(self.hop.address, code.name, details)
-        assert isinstance(item, node_pb2.InferenceResponse)
-        return item
-
-    def _request_iter(self) -> Iterator[node_pb2.InferenceRequest]:
-        while (item := self._requests.get()) is not _CLOSE:
-            yield item  # type: ignore[misc]
-
-    def _read(self) -> None:
-        try:
-            for response in self._call:
-                self._responses.put(response)
-            self._responses.put(grpc.RpcError("stream closed by the node"))
-        except grpc.RpcError as exc:
-            self._responses.put(exc)
-
-
-def _raise_insufficient(error: grpc.RpcError, address: str) -> None:
-    """Turn a node's insufficient-credits refusal into InsufficientCredits."""
-    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    meta = {key: value for key, value in trailing or ()}
-    if meta.get("hivegen-error") != INSUFFICIENT_CREDITS:
-        return
-    try:
-        balance, needed = int(meta["hivegen-balance"]), int(meta["hivegen-needed"])
-    except (KeyError, ValueError):
-        return
-    raise InsufficientCredits(
-        meta.get("hivegen-account", "?"), balance, needed, what=f"a session on node {address} may cost up to"
-    )
+__all__ = ["InferenceSession", "StepInputs", "StepTiming"]
 
 
 @dataclass
@@ -211,30 +59,44 @@ class StepTiming:
 
 
 class InferenceSession:
-    """Runs every block of the model for one generation, re-routing around nodes that fail."""
+    """Runs every block of the model for one generation, re-routing around nodes that fail.
+
+    `timeout` fixes every step's deadline (default: per node, from the client's measurements, at least 2 s);
+    `failover_seconds` bounds the time one step spends routing around failures; `max_failovers`, if set, also
+    bounds their number. With `attest`, every answer must carry the node's valid signature (needed to verify).
+    """
 
     def __init__(
         self,
         swarm: SwarmView,
         max_length: int,
         batch_size: int,
-        timeout: float = 60.0,
-        max_failovers: int = 3,
+        timeout: float | None = None,
+        max_failovers: int | None = None,
         payer: Payer | None = None,
+        failover_seconds: float = FAILOVER_SECONDS,
+        attest: bool = True,
+        on_fault: FaultHandler | None = None,
     ) -> None:
         self.swarm = swarm
+        self.on_fault = on_fault  # called when a node signs a self-evidently wrong answer (ban and report it)
         self.payer = payer
         self.dropped: list[SpanSession] = []  # sessions on nodes that failed (they may still be owed)
         self.max_length = max_length
         self.batch_size = batch_size
         self.timeout = timeout
         self.max_failovers = max_failovers
+        self.failover_seconds = failover_seconds
+        self.attest = attest
         self.failed_nodes: set[str] = set()
         self.failures: list[RemoteError] = []  # why each failed node was dropped
         self.spans: list[SpanSession] = []
         self.timings: list[StepTiming] = []
+        self.unpaid: set[str] = set()  # node ids never to settle with (caught lying)
+        self.checks: list[SpanSession] = []  # re-executions of hops on other nodes (verification); paid too
         self._closed = False
-        self.spans = self._open_chain(0, swarm.num_blocks)
+        self._failover_deadline = time.monotonic() + failover_seconds
+        self.spans = self._open_chain(0, swarm.num_blocks, wait=True)
 
     @property
     def route(self) -> list[Hop]:
@@ -243,6 +105,11 @@ class InferenceSession:
     @property
     def length(self) -> int:
         return sum(int(s.hidden.shape[1]) for s in self.spans[0].history) if self.spans else 0
+
+    @property
+    def all_spans(self) -> list[SpanSession]:
+        """Every hop session of this generation, dropped ones included (their answers were used too)."""
+        return [*self.dropped, *self.spans]
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run [batch, new, hidden] through every block; `attention_mask` covers the new positions only."""
@@ -255,6 +122,7 @@ class InferenceSession:
                 f"session holds {self.length} positions; {hidden.shape[1]} more exceed its max_length {self.max_length}"
             )
         began = time.perf_counter()
+        self._failover_deadline = time.monotonic() + self.failover_seconds
         timing = StepTiming(seconds=0.0)
         index = 0
         while index < len(self.spans):
@@ -262,6 +130,7 @@ class InferenceSession:
             try:
                 hidden, node_seconds = self.spans[index].step(inputs)
             except RemoteError as exc:
+                self._blame(self.spans[index], exc)
                 if not self._may_retry(exc):
                     raise
                 self._replace(index, exc)
@@ -276,17 +145,18 @@ class InferenceSession:
     def charges(self) -> dict[str, int]:
         """Credits the receipts signed in this session let each node account collect."""
         owed: dict[str, int] = {}
-        for span in [*self.dropped, *self.spans]:
+        for span in [*self.all_spans, *self.checks]:
             if span.node_account:
                 owed[span.node_account] = owed.get(span.node_account, 0) + span.credits
         return owed
 
     def close(self) -> None:
-        """Settle with every node that charges, then end the streams."""
+        """Settle with every node that charges (except nodes caught lying), then end the streams."""
         if not self._closed:
             self._closed = True
             for span in self.spans:
-                span.settle()
+                if span.hop.node_id not in self.unpaid and not self.swarm.bans.is_banned(span.hop.owner):
+                    span.settle()
                 span.close()
 
     def __enter__(self) -> InferenceSession:
@@ -295,12 +165,24 @@ class InferenceSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _open_chain(self, start: int, end: int) -> list[SpanSession]:
+    def open_span(self, hop: Hop, max_length: int | None = None) -> SpanSession:
+        """A session on one hop with this session's settings (also used to re-execute a hop's inputs)."""
+        return SpanSession(
+            self.swarm,
+            hop,
+            max_length or self.max_length,
+            self.batch_size,
+            self.timeout,
+            self.payer,
+            attest=self.attest,
+        )
+
+    def _open_chain(self, start: int, end: int, wait: bool = False) -> list[SpanSession]:
         """Open sessions on a route for blocks [start, end); a node that refuses or fails is routed around."""
         needed_tokens = self.max_length * self.batch_size
         while True:
             try:
-                route = self.swarm.route(start, end, exclude=self.failed_nodes, needed_tokens=needed_tokens)
+                route = self.swarm.route(start, end, exclude=self.failed_nodes, needed_tokens=needed_tokens, wait=wait)
             except NoRouteError as exc:
                 if not self.failures:
                     raise
@@ -308,16 +190,13 @@ class InferenceSession:
             opened: list[SpanSession] = []
             try:
                 for hop in route:
-                    opened.append(
-                        SpanSession(self.swarm, hop, self.max_length, self.batch_size, self.timeout, self.payer)
-                    )
+                    opened.append(self.open_span(hop))
             except RemoteError as exc:
                 for span in opened:
                     span.close()
+                self._blame(route[len(opened)], exc)
                 if not self._may_retry(exc):
                     raise
-                self.failed_nodes.add(route[len(opened)].node_id)
-                self.failures.append(exc)
                 logger.warning("cannot open a session on %s (%s); routing around it", exc.address, exc.code)
                 continue
             except BaseException:
@@ -327,22 +206,46 @@ class InferenceSession:
             logger.debug("route %s", " -> ".join(f"{h.address}[{h.start}:{h.end}]" for h in route))
             return opened
 
+    def _blame(self, culprit: Hop | SpanSession, error: RemoteError) -> None:
+        """Count a failure against the node that produced it (routes avoid it for a while, here and after); a
+        signed, self-evidently wrong answer also goes to `on_fault`."""
+        if error.code not in RETRIABLE_CODES:
+            return
+        hop = culprit.hop if isinstance(culprit, SpanSession) else culprit
+        self.failed_nodes.add(hop.node_id)
+        self.failures.append(error)
+        self.swarm.health.failed(hop.node_id, f"{error.code}: {error.details}")
+        if isinstance(error, ProvenFault) and isinstance(culprit, SpanSession) and self.on_fault is not None:
+            self.on_fault(self, culprit, error)
+
     def _may_retry(self, error: RemoteError) -> bool:
-        return error.code in RETRIABLE_CODES and len(self.failed_nodes) < self.max_failovers
+        if error.code not in RETRIABLE_CODES or time.monotonic() > self._failover_deadline:
+            return False
+        return self.max_failovers is None or len(self.failed_nodes) <= self.max_failovers
 
     def _replace(self, index: int, error: RemoteError) -> None:
         """Drop the failed hop, route its blocks anew and replay its inputs so the new caches match."""
         failed = self.spans[index]
-        self.failed_nodes.add(failed.hop.node_id)
-        self.failures.append(error)
         logger.warning(
             "node %s failed (%s); re-routing blocks %d:%d", failed.hop.address, error, failed.hop.start, failed.hop.end
         )
         failed.close()
         self.dropped.append(failed)
-        replacement = self._open_chain(failed.hop.start, failed.hop.end)
-        for past in failed.history:
-            hidden = past.hidden
-            for span in replacement:
-                hidden, _ = span.step(StepInputs(hidden, past.position_ids, past.attention_mask))
-        self.spans[index : index + 1] = replacement
+        while True:
+            replacement = self._open_chain(failed.hop.start, failed.hop.end)
+            try:
+                for past in failed.history:
+                    hidden = past.hidden
+                    for span in replacement:
+                        hidden, _ = span.step(StepInputs(hidden, past.position_ids, past.attention_mask))
+            except RemoteError as exc:  # the replacement failed while catching up: route around it too
+                bad = next((s for s in replacement if s.hop.address == exc.address), replacement[0])
+                self._blame(bad, exc)
+                for span in replacement:
+                    span.close()
+                self.dropped.extend(replacement)
+                if not self._may_retry(exc):
+                    raise
+                continue
+            self.spans[index : index + 1] = replacement
+            return

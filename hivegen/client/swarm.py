@@ -1,4 +1,4 @@
-"""The client's view of the swarm for one model: DHT look-ups, routes, and cached gRPC channels."""
+"""The client's view of the swarm for one model: DHT look-ups, routes, node health, bans, and gRPC channels."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Collection, Sequence
 import grpc
 import hivemind
 
+from hivegen.client.bans import BanList
+from hivegen.client.health import HealthBook
 from hivegen.client.routing import Hop, RoutingCosts, plan_route
 from hivegen.dht import SpanRecord, fetch_spans, start_dht
 from hivegen.errors import NoRouteError
@@ -17,21 +19,30 @@ from hivegen.proto.options import grpc_options
 
 
 class SwarmView:
-    """Finds nodes serving `model_key` and hands out stubs to reach them."""
+    """Finds nodes serving `model_key` and hands out stubs to reach them.
+
+    Banned node keys (`bans`) are invisible; nodes that failed recently are left out of routes for a while
+    (`health`), and routes use the step times measured here rather than what records claim.
+    """
 
     def __init__(
         self,
         model_key: str,
         num_blocks: int,
         initial_peers: Sequence[str] = (),
+        hidden_size: int = 0,
         dht: hivemind.DHT | None = None,
         costs: RoutingCosts | None = None,
         allowed_nodes: Collection[str] | None = None,
         route_wait: float = 0.0,
         spans_ttl: float = 5.0,
+        bans: BanList | None = None,
     ) -> None:
         self.model_key = model_key
         self.num_blocks = num_blocks
+        self.hidden_size = hidden_size  # width of the hidden states every node must return
+        self.bans = bans if bans is not None else BanList(None)
+        self.health = HealthBook()
         self.costs = costs or RoutingCosts()
         self.allowed_nodes = set(allowed_nodes) if allowed_nodes is not None else None
         self.route_wait = route_wait  # seconds to keep looking when blocks are missing (nodes starting up)
@@ -39,7 +50,7 @@ class SwarmView:
         self.dht = dht if dht is not None else start_dht(list(initial_peers) or None, client_mode=True)
         self.spans_ttl = spans_ttl  # reuse a DHT look-up this long: it costs tens of ms per generation
         self._cached: tuple[float, dict[str, SpanRecord]] | None = None
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[tuple[str, int], grpc.Channel] = {}
         self._lock = threading.Lock()
 
     def spans(self, fresh: bool = False) -> dict[str, SpanRecord]:
@@ -47,16 +58,24 @@ class SwarmView:
         now = time.monotonic()
         if fresh or self._cached is None or now - self._cached[0] > self.spans_ttl:
             self._cached = (now, fetch_spans(self.dht, self.model_key, self.num_blocks))
-        found = self._cached[1]
+        banned = self.bans.owners()
+        found = {k: v for k, v in self._cached[1].items() if v.owner not in banned}
         if self.allowed_nodes is not None:
             found = {k: v for k, v in found.items() if k in self.allowed_nodes or v.address in self.allowed_nodes}
         return found
 
-    def route(self, start: int, end: int, exclude: Collection[str] = (), needed_tokens: int = 0) -> list[Hop]:
-        """The cheapest chain for blocks [start, end), waiting up to route_wait seconds for coverage."""
-        deadline = time.monotonic() + self.route_wait
+    def route(
+        self, start: int, end: int, exclude: Collection[str] = (), needed_tokens: int = 0, wait: bool = True
+    ) -> list[Hop]:
+        """The cheapest chain for blocks [start, end) avoiding `exclude` and nodes cooling down after a failure.
+
+        With `wait`, keeps looking up to route_wait seconds while blocks are missing (nodes starting up); a
+        re-route after a failure does not wait: a dead node's blocks with no replacement are reported at once.
+        """
+        deadline = time.monotonic() + (self.route_wait if wait else 0.0)
         fresh = bool(exclude)  # re-routing after a failure: look again
         while True:
+            avoid = set(exclude) | self.health.excluded()
             try:
                 return plan_route(
                     self.spans(fresh),
@@ -64,8 +83,9 @@ class SwarmView:
                     start,
                     end,
                     needed_tokens=needed_tokens,
-                    exclude=exclude,
+                    exclude=avoid,
                     costs=self.costs,
+                    measured=self.health.measured(),
                 )
             except NoRouteError:
                 if not fresh:  # the cached view may be stale: look once more before waiting
@@ -75,14 +95,31 @@ class SwarmView:
                     raise
                 time.sleep(0.5)
 
-    def channel(self, address: str) -> grpc.Channel:
-        with self._lock:
-            if address not in self._channels:
-                self._channels[address] = grpc.insecure_channel(address, options=grpc_options())
-            return self._channels[address]
+    def covering(self, start: int, end: int, dtype: str, exclude: Collection[str] = ()) -> list[SpanRecord]:
+        """Nodes that serve every block of [start, end) in `dtype` (re-execution candidates), minus `exclude`
+        and nodes cooling down after a failure."""
+        avoid = set(exclude) | self.health.excluded()
+        return [
+            s
+            for s in self.spans().values()
+            if s.start <= start and end <= s.end and s.dtype == dtype and s.node_id not in avoid
+        ]
 
-    def stub(self, address: str) -> node_pb2_grpc.NodeStub:
-        return node_pb2_grpc.NodeStub(self.channel(address))
+    def channel(self, address: str, receive_limit: int | None = None) -> grpc.Channel:
+        """A shared channel to `address` that refuses answers larger than `receive_limit` bytes (rounded up to a
+        power of two, so sessions of similar size share a channel)."""
+        limit = 0 if receive_limit is None else 1 << max(0, receive_limit - 1).bit_length()
+        with self._lock:
+            if (address, limit) not in self._channels:
+                options = grpc_options()
+                if limit:
+                    options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
+                    options.append(("grpc.max_receive_message_length", limit))
+                self._channels[address, limit] = grpc.insecure_channel(address, options=options)
+            return self._channels[address, limit]
+
+    def stub(self, address: str, receive_limit: int | None = None) -> node_pb2_grpc.NodeStub:
+        return node_pb2_grpc.NodeStub(self.channel(address, receive_limit))
 
     def node_info(self, address: str, timeout: float = 10.0) -> node_pb2.NodeInfo:
         return self.stub(address).Info(node_pb2.InfoRequest(), timeout=timeout)

@@ -1,13 +1,19 @@
-"""Talk to a coordinator's ledger: balances, history, leaderboard, journal check, receipt submission."""
+"""Talk to a coordinator: its ledger (balances, history, leaderboard, journal check, receipt submission) and its
+reports of lying nodes."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import grpc
 
 from hivegen.credits.receipts import SignedReceipt
 from hivegen.errors import HivegenError
-from hivegen.proto import ledger_pb2, ledger_pb2_grpc
+from hivegen.proto import ledger_pb2, ledger_pb2_grpc, reports_pb2, reports_pb2_grpc
 from hivegen.proto.options import grpc_options
+
+if TYPE_CHECKING:
+    from hivegen.credits.identity import Identity
 
 
 class CoordinatorUnreachable(HivegenError):
@@ -64,3 +70,33 @@ class LedgerClient:
                     "`hivegen coordinator serve`"
                 ) from exc
             raise HivegenError(f"coordinator {self.address} answered {code}: {exc.details()}") from exc
+
+
+def report_node(
+    coordinator_address: str, identity: Identity, evidence: reports_pb2.Evidence, timeout: float = 10.0
+) -> reports_pb2.ReportAck:
+    """Sign `evidence` as `identity` and send it to the coordinator; return its acknowledgement.
+
+    Raises CoordinatorUnreachable when no coordinator answers, and ReportRejected (with the coordinator's reason)
+    when it refuses the report.
+    """
+    # Imported here: the checks need torch, which the ledger's users (the credits CLI) do not otherwise load.
+    from hivegen.coordinator.reports import ReportRejected, sign_report
+
+    report = sign_report(identity, evidence.SerializeToString())
+    with grpc.insecure_channel(coordinator_address, options=grpc_options()) as channel:
+        try:
+            return reports_pb2_grpc.ReportsStub(channel).ReportNode(report, timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+            if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                raise CoordinatorUnreachable(
+                    f"coordinator {coordinator_address} is unreachable ({code}); check the address or start one "
+                    "with `hivegen coordinator serve`"
+                ) from exc
+            trailers = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+            reason = trailers.get("hivegen-reason", "")
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            if reason in ReportRejected.STATUS:
+                raise ReportRejected(reason, details.removeprefix(f"report rejected ({reason}): ")) from exc
+            raise HivegenError(f"coordinator {coordinator_address} answered {code}: {details}") from exc

@@ -1,4 +1,5 @@
-"""A coordinator: the swarm's DHT bootstrap peer, the credit ledger over gRPC, and an HTTP status page."""
+"""A coordinator: the swarm's DHT bootstrap peer, the credit ledger and node reports over gRPC, and an HTTP
+status page."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import grpc
 import hivemind
 
 from hivegen.coordinator.ledger_service import LedgerServicer
+from hivegen.coordinator.reports import DEFAULT_EVIDENCE_BUDGET, ReportsServicer, ReportStore
 from hivegen.coordinator.status import StatusServer, leaderboard, swarm_status
 from hivegen.credits.ledger import Ledger
 from hivegen.dht import start_dht, visible_maddrs
 from hivegen.files import write_json_atomic
-from hivegen.proto import ledger_pb2_grpc
+from hivegen.proto import ledger_pb2_grpc, reports_pb2_grpc
 from hivegen.proto.options import grpc_options
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ LEDGER_FILE = "ledger.sqlite"
 class CoordinatorConfig:
     """Everything `hivegen coordinator serve` takes."""
 
-    data: Path  # directory of the ledger database (SQLite, WAL mode)
+    data: Path  # directory of the ledger and reports databases (SQLite, WAL mode) and of report evidence
     host: str = "127.0.0.1"  # address the services bind and announce
     port: int = 0  # ledger gRPC port (0: any free port)
     dht_port: int = 0  # DHT bootstrap port (0: any free port)
@@ -36,6 +38,7 @@ class CoordinatorConfig:
     starter_grant: int = 10_000  # credits every new account receives once
     ready_file: Path | None = None  # written as JSON once every service is up
     initial_peers: list[str] = field(default_factory=list)  # join an existing swarm instead of starting one
+    evidence_budget: int = DEFAULT_EVIDENCE_BUDGET  # bytes of report evidence kept at most; then reports are refused
 
 
 class Coordinator:
@@ -43,6 +46,7 @@ class Coordinator:
         self.config = config
         self.dht: hivemind.DHT | None = None
         self.ledger: Ledger | None = None
+        self.reports: ReportStore | None = None
         self.server: grpc.Server | None = None
         self.status: StatusServer | None = None
         self.address = ""
@@ -55,15 +59,20 @@ class Coordinator:
         cfg.data.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(cfg.data / LEDGER_FILE, starter_grant=cfg.starter_grant)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=grpc_options())
+        self.reports = ReportStore(cfg.data, evidence_budget=cfg.evidence_budget)
         ledger_pb2_grpc.add_LedgerServicer_to_server(LedgerServicer(self.ledger), self.server)
+        reports_pb2_grpc.add_ReportsServicer_to_server(ReportsServicer(self.reports), self.server)
         port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if port == 0:
             raise OSError(f"cannot bind the ledger service on {cfg.host}:{cfg.port}; is the port taken?")
         self.server.start()
         self.address = f"{cfg.host}:{port}"
-        dht, ledger = self.dht, self.ledger
+        dht, ledger, reports = self.dht, self.ledger, self.reports
         self.status = StatusServer(
-            cfg.host, cfg.http_port, {"/status": lambda: swarm_status(dht), "/leaderboard": lambda: leaderboard(ledger)}
+            cfg.host,
+            cfg.http_port,
+            {"/status": lambda: swarm_status(dht, reports), "/leaderboard": lambda: leaderboard(ledger)},
+            {"/evidence/": reports.evidence},
         )
         self.status.start()
         if cfg.ready_file is not None:
@@ -82,7 +91,7 @@ class Coordinator:
         }
 
     def stop(self) -> None:
-        """Stop serving; the ledger is closed last so in-flight submissions finish. Idempotent."""
+        """Stop serving; the databases are closed last so in-flight calls finish. Idempotent."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -92,5 +101,7 @@ class Coordinator:
             self.server.stop(grace=2.0).wait(5.0)
         if self.ledger is not None:
             self.ledger.close()
+        if self.reports is not None:
+            self.reports.close()
         if self.dht is not None:
             self.dht.shutdown()

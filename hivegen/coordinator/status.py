@@ -1,5 +1,5 @@
-"""The coordinator's HTTP face: `/status` (models, blocks, who serves them, coverage, throughput) and
-`/leaderboard` (top contributors), as JSON."""
+"""The coordinator's HTTP face: `/status` (models, blocks, who serves them, coverage, throughput, reported nodes)
+and `/leaderboard` (top contributors), as JSON; `/evidence/<digest>` (a report's raw evidence bytes)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,22 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hivemind
 
 from hivegen.credits.ledger import Ledger
 from hivegen.dht import fetch_models, fetch_spans, missing_blocks
 
+if TYPE_CHECKING:
+    from hivegen.coordinator.reports import ReportStore
+
 logger = logging.getLogger(__name__)
 
 
-def swarm_status(dht: hivemind.DHT) -> dict[str, Any]:
-    """Every registered model with its nodes, the blocks nobody serves, and a throughput estimate."""
+def swarm_status(dht: hivemind.DHT, reports: ReportStore | None = None) -> dict[str, Any]:
+    """Every registered model with its nodes, the blocks nobody serves, and a throughput estimate; and the nodes
+    reported for wrong answers (see hivegen.coordinator.reports)."""
     models = []
     for model_key, info in sorted(fetch_models(dht).items()):
         spans = fetch_spans(dht, model_key, info.num_blocks)
@@ -52,22 +56,37 @@ def swarm_status(dht: hivemind.DHT) -> dict[str, Any]:
                 "steps_per_second_bound": min(per_block) if per_block and not missing else 0.0,
             }
         )
-    return {"models": models}
+    return {"models": models, "reported_nodes": reports.reported_nodes() if reports is not None else []}
 
 
 def leaderboard(ledger: Ledger, limit: int = 20) -> dict[str, Any]:
     return {"top": [{"account": account, "earned": earned} for account, earned in ledger.top(limit)]}
 
 
-class StatusServer:
-    """A small threaded HTTP server; routes are functions returning JSON-able dicts."""
+BytesRoute = Callable[[str], bytes | None]
+"""A prefix route: given the rest of the path, the bytes to send; None for 404, ValueError for 400."""
 
-    def __init__(self, host: str, port: int, routes: dict[str, Callable[[], dict[str, Any]]]) -> None:
-        routes_ = routes
+
+class StatusServer:
+    """A small threaded HTTP server; routes are functions returning JSON-able dicts, byte routes serve files."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        routes: dict[str, Callable[[], dict[str, Any]]],
+        byte_routes: dict[str, BytesRoute] | None = None,
+    ) -> None:
+        routes_, byte_routes_ = routes, byte_routes or {}
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                route = routes_.get(self.path.split("?")[0].rstrip("/") or "/")
+                path = self.path.split("?")[0]
+                for prefix, byte_route in byte_routes_.items():
+                    if path.startswith(prefix):
+                        self._send_bytes(byte_route, path[len(prefix) :])
+                        return
+                route = routes_.get(path.rstrip("/") or "/")
                 if route is None:
                     self._send(404, {"error": f"unknown path {self.path}; try {sorted(routes_)}"})
                     return
@@ -76,6 +95,25 @@ class StatusServer:
                 except Exception as exc:  # a status page must not take the coordinator down
                     logger.exception("status route %s failed", self.path)
                     self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+            def _send_bytes(self, route: BytesRoute, name: str) -> None:
+                try:
+                    data = route(name)
+                except ValueError as exc:
+                    self._send(400, {"error": str(exc)})
+                    return
+                except Exception as exc:
+                    logger.exception("byte route %s failed", self.path)
+                    self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
+                    return
+                if data is None:
+                    self._send(404, {"error": f"nothing at {self.path}"})
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def _send(self, code: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body, indent=2).encode()

@@ -100,10 +100,10 @@ def cmd_verify_journal(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_serve(args: argparse.Namespace) -> int:
-    from hivegen.cli import StopSignals, _tie_process_tree
     from hivegen.coordinator.server import Coordinator, CoordinatorConfig
+    from hivegen.process import StopSignals, tie_process_tree
 
-    _tie_process_tree()
+    tie_process_tree()
     coordinator = Coordinator(
         CoordinatorConfig(
             data=Path(args.data).expanduser(),

@@ -12,8 +12,11 @@ from typing import Any
 import hivemind
 from hivemind.utils import get_dht_time
 
+from hivegen.credits.identity import Identity
+from hivegen.dht.lookup import get_entries
 from hivegen.dht.models import ModelInfo, announce_model
 from hivegen.dht.records import SpanRecord, block_key
+from hivegen.dht.signing import dht_key_id, sign_value, verify_value
 from hivegen.dht.swarm import SwarmError, run_on_dht
 
 logger = logging.getLogger(__name__)
@@ -22,36 +25,41 @@ logger = logging.getLogger(__name__)
 WITHDRAW_GRACE = 5.0
 
 
-def announce_span(dht: hivemind.DHT, model_key: str, record: SpanRecord, ttl: float) -> None:
-    """Store `record` under every block key of its span for `ttl` seconds, in one DHT round."""
+def announce_span(dht: hivemind.DHT, model_key: str, record: SpanRecord, ttl: float, identity: Identity) -> None:
+    """Store `record`, signed by `identity` (its owner), under every block key of its span for `ttl` seconds."""
     if ttl <= 0:
         raise ValueError(f"ttl must be positive, got {ttl}")
-    keys = _span_keys(model_key, record)
     expiration = get_dht_time() + ttl
-    coro = partial(_store_all, keys=keys, value=record.to_dict(), subkey=record.node_id, expiration=expiration)
-    _check_stored(run_on_dht(dht, coro), model_key, record)
+    _store_signed(dht, model_key, record, identity, expiration)
 
 
-def withdraw_span(dht: hivemind.DHT, model_key: str, record: SpanRecord) -> None:
-    """Overwrite the node's record with an "offline" one, so lookups stop returning it at once.
+def withdraw_span(dht: hivemind.DHT, model_key: str, record: SpanRecord, identity: Identity) -> None:
+    """Overwrite the node's record with an "offline" one signed by `identity`, so lookups stop returning it at once.
 
     hivemind keeps the entry with the later expiration, so the offline record must outlive the one it replaces:
-    it expires just after the latest announcement found, and at least WITHDRAW_GRACE seconds from now.
+    it expires just after the latest genuine announcement found under any of the span's keys, and at least
+    WITHDRAW_GRACE seconds from now. One expiration for all keys, so the offline entry is the node's latest.
     """
-    offline = dataclasses.replace(record, state="offline")
+    _check_owner(record, identity)
     keys = _span_keys(model_key, record)
-    coro = partial(_withdraw_all, keys=keys, value=offline.to_dict(), subkey=record.node_id, grace=WITHDRAW_GRACE)
-    _check_stored(run_on_dht(dht, coro), model_key, record)
+    latest = get_dht_time() + WITHDRAW_GRACE
+    found = run_on_dht(dht, partial(get_entries, keys=keys))
+    for key, entries in found.items():
+        for subkey, value, expiration in entries or ():
+            if subkey == record.node_id and verify_value(dht_key_id(key), subkey, value, expiration):
+                latest = max(latest, expiration + 0.01)
+    _store_signed(dht, model_key, dataclasses.replace(record, state="offline"), identity, latest)
 
 
 class Announcer:
-    """A daemon thread that re-announces a node's span every `period` seconds until stopped."""
+    """A daemon thread that re-announces a node's span (signed by `identity`) every `period` seconds until stopped."""
 
     def __init__(
         self,
         dht: hivemind.DHT,
         model_key: str,
         get_record: Callable[[], SpanRecord],
+        identity: Identity,
         ttl: float = 30.0,
         period: float | None = None,
         model: ModelInfo | None = None,
@@ -61,6 +69,7 @@ class Announcer:
         self.dht = dht
         self.model_key = model_key
         self.get_record = get_record  # called at every refresh, so free cache and throughput stay current
+        self.identity = identity  # owns the records (and signs them); must match the records' node_id
         self.model = model  # also kept registered in the swarm's model registry
         self.ttl = ttl
         self.period = period if period is not None else ttl / 3
@@ -88,7 +97,7 @@ class Announcer:
             self._thread.join()
         if withdraw and self._last is not None:
             try:
-                withdraw_span(self.dht, self.model_key, self._last)
+                withdraw_span(self.dht, self.model_key, self._last, self.identity)
                 logger.info("withdrew %s blocks %d:%d", self.model_key, self._last.start, self._last.end)
             except Exception as e:
                 logger.warning("could not withdraw %s from the DHT: %s", self.model_key, e)
@@ -104,9 +113,9 @@ class Announcer:
     def _refresh(self) -> None:
         try:
             record = self.get_record()
-            announce_span(self.dht, self.model_key, record, self.ttl)
+            announce_span(self.dht, self.model_key, record, self.ttl, self.identity)
             if self.model is not None:
-                announce_model(self.dht, self.model, self.ttl)
+                announce_model(self.dht, self.model, self.ttl, self.identity)
         except Exception as e:
             logger.warning("announcing %s failed (retrying in %.1fs): %s", self.model_key, self.period, e)
             return
@@ -118,8 +127,23 @@ def _span_keys(model_key: str, record: SpanRecord) -> list[str]:
     return [block_key(model_key, block) for block in range(record.start, record.end)]
 
 
-def _check_stored(results: list[bool], model_key: str, record: SpanRecord) -> None:
-    if not any(results):
+def _check_owner(record: SpanRecord, identity: Identity) -> None:
+    if record.owner != identity.public_key_hex:
+        raise ValueError(
+            f"record {record.node_id!r} is owned by key {record.owner}, not by this identity "
+            f"({identity.public_key_hex}); build its node_id with node_id(dht, identity.public_key_hex)"
+        )
+
+
+def _store_signed(dht: hivemind.DHT, model_key: str, record: SpanRecord, identity: Identity, expiration: float) -> None:
+    """Sign `record` for every block key of its span (here, not in the DHT process) and store it in one round."""
+    _check_owner(record, identity)
+    keys = _span_keys(model_key, record)
+    data = record.to_dict()
+    values = [sign_value(identity, key, record.node_id, data, expiration) for key in keys]
+    coro = partial(_store_all, keys=keys, values=values, subkey=record.node_id, expiration=expiration)
+    stored = run_on_dht(dht, coro)
+    if not any(stored):
         raise SwarmError(
             f"no DHT peer accepted the record for {model_key} blocks {record.start}:{record.end}; "
             "check that the swarm is reachable (--initial-peers)"
@@ -127,22 +151,9 @@ def _check_stored(results: list[bool], model_key: str, record: SpanRecord) -> No
 
 
 async def _store_all(
-    _dht: Any, node: Any, *, keys: list[str], value: dict[str, Any], subkey: str, expiration: float
+    _dht: Any, node: Any, *, keys: list[str], values: list[dict[str, Any]], subkey: str, expiration: float
 ) -> list[bool]:
     """Runs in the DHT process: one store_many for every block key."""
     n = len(keys)
-    stored = await node.store_many(keys, [value] * n, [expiration] * n, subkeys=[subkey] * n)
+    stored = await node.store_many(keys, values, [expiration] * n, subkeys=[subkey] * n)
     return [bool(stored.get((key, subkey))) for key in keys]
-
-
-async def _withdraw_all(
-    dht: Any, node: Any, *, keys: list[str], value: dict[str, Any], subkey: str, grace: float
-) -> list[bool]:
-    """Runs in the DHT process: find the latest expiration of the node's entries, then outlive it."""
-    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
-    latest = get_dht_time() + grace
-    for entry in found.values():
-        own = entry.value.get(subkey) if entry is not None and isinstance(entry.value, dict) else None
-        if own is not None:
-            latest = max(latest, own.expiration_time + 0.01)
-    return await _store_all(dht, node, keys=keys, value=value, subkey=subkey, expiration=latest)

@@ -1,4 +1,4 @@
-"""Read which nodes serve which blocks of a model, tolerating stale and malformed records."""
+"""Read which nodes serve which blocks of a model, tolerating stale, malformed and forged records."""
 
 from __future__ import annotations
 
@@ -11,15 +11,20 @@ import hivemind
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from hivegen.dht.records import SpanRecord, block_key
+from hivegen.dht.signing import dht_key_id, verify_value
 from hivegen.dht.swarm import run_on_dht
 
 logger = logging.getLogger(__name__)
 
 
 def fetch_spans(dht: hivemind.DHT, model_key: str, num_blocks: int) -> dict[str, SpanRecord]:
-    """node_id -> latest online, unexpired record among all block keys of the model (one DHT round)."""
+    """node_id -> latest online, unexpired record among all block keys of the model (one DHT round).
+
+    Every entry's owner signature is checked here too, so the answer can be trusted even from a DHT peer
+    started without the validator; entries that fail are skipped.
+    """
     keys = [block_key(model_key, block) for block in range(num_blocks)]
-    found = run_on_dht(dht, partial(_get_latest, keys=keys))
+    found = run_on_dht(dht, partial(get_entries, keys=keys))
     now = get_dht_time()
     latest: dict[str, tuple[float, SpanRecord]] = {}
     for key, entries in found.items():
@@ -28,6 +33,9 @@ def fetch_spans(dht: hivemind.DHT, model_key: str, num_blocks: int) -> dict[str,
             continue
         for subkey, value, expiration in entries:
             if expiration <= now:
+                continue
+            if not verify_value(dht_key_id(key), subkey, value, expiration):
+                logger.debug("skipping record %r under %s: not signed by its owner", subkey, key)
                 continue
             try:
                 record = SpanRecord.from_dict(subkey, value)
@@ -53,7 +61,7 @@ def missing_blocks(spans: Iterable[SpanRecord], num_blocks: int) -> list[int]:
     return [block for block, ok in enumerate(covered) if not ok]
 
 
-async def _get_latest(_dht: Any, node: Any, *, keys: list[str]) -> dict[str, list[tuple[Any, Any, float]] | None]:
+async def get_entries(_dht: Any, node: Any, *, keys: list[str]) -> dict[str, list[tuple[Any, Any, float]] | None]:
     """Runs in the DHT process: the latest entries of every key as plain (subkey, value, expiration) tuples.
 
     A key with no value maps to []; a key holding a plain value instead of subkey entries maps to None.

@@ -4,10 +4,14 @@ show the whole swarm (block keys alone cannot be enumerated)."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import hivemind
 from hivemind.utils import get_dht_time
+
+from hivegen.credits.identity import Identity
+from hivegen.dht.signing import dht_key_id, owned_subkey, sign_value, split_owned, verify_value
 
 logger = logging.getLogger(__name__)
 
@@ -24,27 +28,51 @@ class ModelInfo:
         return {"name": self.name, "num_blocks": self.num_blocks}
 
 
-def announce_model(dht: hivemind.DHT, info: ModelInfo, ttl: float) -> bool:
-    """Register `info` under the registry key for `ttl` seconds (every node serving the model refreshes it)."""
-    return bool(dht.store(MODELS_KEY, info.to_dict(), get_dht_time() + ttl, subkey=info.model_key))
+def announce_model(dht: hivemind.DHT, info: ModelInfo, ttl: float, identity: Identity) -> bool:
+    """Register `info` for `ttl` seconds under subkey "<model_key>@<identity's key>", signed by `identity`.
+
+    Every node serving the model keeps its own entry fresh; nobody can overwrite another's.
+    """
+    subkey = owned_subkey(info.model_key, identity.public_key_hex)
+    expiration = get_dht_time() + ttl
+    value = sign_value(identity, MODELS_KEY, subkey, dict(info.to_dict()), expiration)
+    return bool(dht.store(MODELS_KEY, value, expiration, subkey=subkey))
 
 
 def fetch_models(dht: hivemind.DHT) -> dict[str, ModelInfo]:
-    """Every registered model; malformed entries are skipped."""
+    """Every registered model (model_key -> info); unsigned, forged and malformed entries are skipped.
+
+    When announcers disagree about a model, the description given by the most owners wins (ties: the
+    entry that expires last), so one liar cannot change what everybody else says.
+    """
     found = dht.get(MODELS_KEY, latest=True)
     if found is None or not isinstance(found.value, dict):
         return {}
-    models: dict[str, ModelInfo] = {}
-    for model_key, entry in found.value.items():
-        value = getattr(entry, "value", None)
+    key_id = dht_key_id(MODELS_KEY)
+    votes: dict[str, Counter[tuple[str, int]]] = {}
+    last_seen: dict[tuple[str, str, int], float] = {}
+    for subkey, entry in found.value.items():
+        value, expiration = getattr(entry, "value", None), getattr(entry, "expiration_time", None)
+        parts = split_owned(subkey)
         if (
-            isinstance(model_key, str)
-            and isinstance(value, dict)
-            and isinstance(value.get("name"), str)
-            and isinstance(value.get("num_blocks"), int)
-            and value["num_blocks"] > 0
+            parts is None
+            or not isinstance(expiration, float)
+            or not isinstance(value, dict)
+            or not isinstance(value.get("name"), str)
+            or isinstance(value.get("num_blocks"), bool)
+            or not isinstance(value.get("num_blocks"), int)
+            or value["num_blocks"] <= 0
         ):
-            models[model_key] = ModelInfo(model_key, value["name"], value["num_blocks"])
-        else:
-            logger.debug("skipping a malformed model registry entry %r", model_key)
+            logger.debug("skipping a malformed model registry entry %r", subkey)
+            continue
+        if not verify_value(key_id, subkey, value, expiration):
+            logger.debug("skipping a model registry entry %r not signed by its owner", subkey)
+            continue
+        model_key, description = parts[0], (value["name"], value["num_blocks"])
+        votes.setdefault(model_key, Counter())[description] += 1
+        last_seen[(model_key, *description)] = max(last_seen.get((model_key, *description), 0.0), expiration)
+    models: dict[str, ModelInfo] = {}
+    for model_key, counts in votes.items():
+        name, num_blocks = max(counts, key=lambda d: (counts[d], last_seen[(model_key, *d)]))
+        models[model_key] = ModelInfo(model_key, name, num_blocks)
     return models

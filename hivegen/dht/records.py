@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from hivegen.dht.signing import split_owned
+
 STATES = ("online", "offline")
+# The peer-id part of a node id: base58 in practice; it only tells one owner's nodes apart (the key is what counts).
+_PEER_PART = re.compile(r"^[A-Za-z0-9]{1,128}$")
 
 
 def block_key(model_key: str, block: int) -> str:
@@ -18,7 +23,7 @@ def block_key(model_key: str, block: int) -> str:
 class SpanRecord:
     """What one node serves and how fast; stored under every block key of its span, subkey = node_id."""
 
-    node_id: str  # the node's hivemind peer id (base58); the DHT subkey, so not part of to_dict()
+    node_id: str  # "<peer id base58>@<owner's Ed25519 public key hex>"; the DHT subkey, so not part of to_dict()
     address: str  # gRPC endpoint clients connect to, "host:port"
     start: int  # first block served (inclusive)
     end: int  # block after the last one served (exclusive); start < end
@@ -29,8 +34,7 @@ class SpanRecord:
     state: str = "online"  # "online" while serving; "offline" once withdrawn
 
     def __post_init__(self) -> None:
-        if not self.node_id:
-            raise ValueError("span record has an empty node_id")
+        _check_node_id(self.node_id)
         _check_address(self.address)
         if self.start < 0:
             raise ValueError(f"span record has negative start {self.start}")
@@ -44,6 +48,11 @@ class SpanRecord:
             raise ValueError("span record has an empty dtype")
         if self.state not in STATES:
             raise ValueError(f"span record has unknown state {self.state!r}; expected one of {STATES}")
+
+    @property
+    def owner(self) -> str:
+        """The Ed25519 public key (hex) that owns this record: only its holder can announce or withdraw it."""
+        return self.node_id.rpartition("@")[2]
 
     @property
     def online(self) -> bool:
@@ -97,6 +106,15 @@ def _field(data: dict[Any, Any], name: str, kind: type, default: Any = _MISSING)
     if isinstance(value, bool) or not isinstance(value, accepted):
         raise ValueError(f"span record field {name!r} must be {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def _check_node_id(node_id: object) -> None:
+    """Reject anything that is not "<peer id>@<64 lowercase hex public key>"."""
+    parts = split_owned(node_id)
+    if parts is None or not _PEER_PART.fullmatch(parts[0]):
+        raise ValueError(
+            f"span record node_id {node_id!r} is not '<peer id>@<64 hex public key>'; build it with hivegen.dht.node_id"
+        )
 
 
 def _check_address(address: str) -> None:

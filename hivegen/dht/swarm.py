@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import hivemind
 
+from hivegen.dht.signing import OwnerSignatureValidator, owned_subkey
 from hivegen.errors import HivegenError
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,11 @@ def start_dht(
     port: int = 0,
     client_mode: bool = False,
 ) -> hivemind.DHT:
-    """Start a DHT peer listening on host:port (0 = any free port), joining `initial_peers` if given."""
+    """Start a DHT peer listening on host:port (0 = any free port), joining `initial_peers` if given.
+
+    Every peer (node, client, coordinator) installs the owner-signature validator: it refuses to store, and
+    ignores when reading, any record not signed by the owner of its subkey.
+    """
     peers = [str(peer) for peer in initial_peers or ()]
     proto = "ip6" if ":" in host else "ip4"
     try:
@@ -45,6 +50,7 @@ def start_dht(
             start=True,
             client_mode=client_mode,
             host_maddrs=[f"/{proto}/{host}/tcp/{port}"],
+            record_validators=[OwnerSignatureValidator()],
             **LOCAL_P2P_FLAGS,
         )
     except Exception as e:
@@ -61,12 +67,17 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     return [str(maddr) for maddr in run_on_dht(dht, _get_visible_maddrs)]
 
 
-def node_id(dht: hivemind.DHT) -> str:
-    """This peer's id as a base58 string; nodes use it as their DHT subkey."""
+def node_id(dht: hivemind.DHT, public_key_hex: str) -> str:
+    """The id of a node on this DHT peer owned by `public_key_hex`: "<peer id base58>@<public key hex>".
+
+    It is the node's DHT subkey; the key part says who may write under it, the peer id part tells apart
+    several nodes of one owner.
+    """
     try:
-        return str(dht.peer_id.to_base58())
+        peer_id = str(dht.peer_id.to_base58())
     except Exception as e:
         raise SwarmError(f"could not read the DHT peer id: {e}") from e
+    return owned_subkey(peer_id, public_key_hex)
 
 
 def run_on_dht(dht: hivemind.DHT, coro: Callable[[Any, Any], Awaitable[T]], timeout: float = DHT_CALL_TIMEOUT) -> T:

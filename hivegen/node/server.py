@@ -70,6 +70,7 @@ class NodeServer:
         self.address = ""
         self.throughput = 0.0
         self.billing: Billing | None = None
+        self.identity: Identity | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -81,6 +82,8 @@ class NodeServer:
         logger.info("loading blocks %d:%d of %s as %s", cfg.start, cfg.end, cfg.model, DTYPE_NAMES[dtype])
         span = BlockSpan(checkpoint, cfg.start, cfg.end, dtype=dtype, device=cfg.device)
         self.model_key = checkpoint.model_key
+        # The node's key: it signs every answer and owns its DHT records; with a coordinator, it is paid too.
+        self.identity = Identity.load_or_create(cfg.identity)
         if cfg.coordinator:
             self.billing = self._billing(span)
         self.sessions = SessionManager(span, self.model_key, cfg.cache_tokens, self.billing)
@@ -89,7 +92,9 @@ class NodeServer:
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="hivegen-rpc"),
             options=grpc_options(cfg.max_message_bytes),
         )
-        servicer = NodeServicer(self.sessions, node_id(self.dht), checkpoint.name, checkpoint.num_blocks)
+        servicer = NodeServicer(
+            self.sessions, self.node_id(), checkpoint.name, checkpoint.num_blocks, identity=self.identity
+        )
         node_pb2_grpc.add_NodeServicer_to_server(servicer, self.server)
         port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if port == 0:
@@ -97,7 +102,9 @@ class NodeServer:
         self.server.start()
         self.address = f"{cfg.host}:{port}"
         model = ModelInfo(self.model_key, checkpoint.name, checkpoint.num_blocks)
-        self.announcer = Announcer(self.dht, self.model_key, self.record, ttl=cfg.announce_ttl, model=model)
+        self.announcer = Announcer(
+            self.dht, self.model_key, self.record, self.identity, ttl=cfg.announce_ttl, model=model
+        )
         self.announcer.start()
         if self.billing is not None:
             self.billing.start()
@@ -112,10 +119,14 @@ class NodeServer:
             self.throughput,
         )
 
+    def node_id(self) -> str:
+        """The node's id and DHT subkey, "<peer id>@<public key>": its identity owns (and signs) the records."""
+        assert self.dht is not None and self.identity is not None
+        return node_id(self.dht, self.identity.public_key_hex)
+
     def record(self) -> SpanRecord:
-        assert self.dht is not None
         return SpanRecord(
-            node_id=node_id(self.dht),
+            node_id=self.node_id(),
             address=self.address,
             start=self.config.start,
             end=self.config.end,
@@ -147,8 +158,8 @@ class NodeServer:
 
     def _billing(self, span: BlockSpan) -> Billing:
         cfg = self.config
-        assert cfg.coordinator
-        identity = Identity.load_or_create(cfg.identity)
+        assert cfg.coordinator and self.identity is not None
+        identity = self.identity
         data = cfg.data if cfg.data is not None else hivegen_home() / "node"
         data.mkdir(parents=True, exist_ok=True)
         outbox = ReceiptOutbox(data / OUTBOX_FILE)
@@ -168,7 +179,7 @@ class NodeServer:
     def _write_ready_file(self, path: Path) -> None:
         data = {
             "pid": os.getpid(),
-            "node_id": node_id(self.dht) if self.dht else "",
+            "node_id": self.node_id() if self.dht and self.identity else "",
             "address": self.address,
             "blocks": [self.config.start, self.config.end],
             "model_key": self.model_key,

@@ -6,8 +6,11 @@ import logging
 from collections.abc import Iterator
 
 import grpc
+import torch
 
 from hivegen import __version__
+from hivegen.credits.attestation import StepClaim, sign_claim, step_input_digest, tensor_digest
+from hivegen.credits.identity import Identity
 from hivegen.node.errors import RequestError
 from hivegen.node.sessions import Session, SessionManager
 from hivegen.proto import node_pb2, node_pb2_grpc
@@ -17,11 +20,16 @@ logger = logging.getLogger(__name__)
 
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
-    def __init__(self, sessions: SessionManager, node_id: str, model_name: str, num_blocks: int) -> None:
+    """Serves sessions; every step's answer is signed by the node's `identity` (the key its DHT records name)."""
+
+    def __init__(
+        self, sessions: SessionManager, node_id: str, model_name: str, num_blocks: int, identity: Identity
+    ) -> None:
         self.sessions = sessions
         self.node_id = node_id
         self.model_name = model_name
         self.num_blocks = num_blocks
+        self.identity = identity
         self.account = sessions.billing.account if sessions.billing is not None else ""
 
     def Inference(  # gRPC's method name
@@ -47,6 +55,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                             dtype=DTYPE_NAMES[self.sessions.span.dtype],
                             node_account=self.account,
                             params_per_token=self.sessions.params_per_token(session.start, session.end),
+                            node_key=self.identity.public_key_hex,
                         )
                     )
                 elif kind == "step":
@@ -56,14 +65,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                             f"unknown session {request.step.session_id or '(empty)'}: send `open` first on this stream",
                         )
                     hidden, seconds = self.sessions.step(session, request.step)
-                    yield node_pb2.InferenceResponse(
-                        result=node_pb2.StepResult(
-                            session_id=session.session_id,
-                            step_id=request.step.step_id,
-                            hidden_states=serialize(hidden),
-                            compute_seconds=seconds,
-                        )
-                    )
+                    yield node_pb2.InferenceResponse(result=self._signed_result(session, request.step, hidden, seconds))
                 elif kind == "settle":
                     if session is None:
                         raise RequestError(grpc.StatusCode.NOT_FOUND, "settle before open: send `open` first")
@@ -87,6 +89,28 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             if session is not None:
                 self.sessions.close(session.session_id)
 
+    def _signed_result(
+        self, session: Session, step: node_pb2.Step, hidden: torch.Tensor, seconds: float
+    ) -> node_pb2.StepResult:
+        """The step's answer with the node's signature over (session, step, blocks, input and output digests)."""
+        output = serialize(hidden)
+        claim = StepClaim(
+            model_key=self.sessions.model_key,
+            session_id=session.session_id,
+            step=step.step_id,
+            start=session.start,
+            end=session.end,
+            input_digest=step_input_digest(step),
+            output_digest=tensor_digest(output),
+        )
+        return node_pb2.StepResult(
+            session_id=session.session_id,
+            step_id=step.step_id,
+            hidden_states=output,
+            compute_seconds=seconds,
+            signature=sign_claim(self.identity, claim),
+        )
+
     def Info(self, request: node_pb2.InfoRequest, context: grpc.ServicerContext) -> node_pb2.NodeInfo:
         span = self.sessions.span
         c = self.sessions.counters
@@ -103,7 +127,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             cache_tokens_free=self.sessions.cache_tokens_free,
             active_sessions=self.sessions.active_sessions,
             counters=node_pb2.NodeCounters(
-                sessions_opened=c.sessions_opened, steps=c.steps, tokens_processed=c.tokens_processed, errors=c.errors
+                sessions_opened=c.sessions_opened,
+                steps=c.steps,
+                tokens_processed=c.tokens_processed,
+                errors=c.errors,
+                compute_seconds=c.compute_seconds,
             ),
             num_parameters=span.num_parameters,
             version=__version__,

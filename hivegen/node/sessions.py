@@ -28,6 +28,7 @@ class Counters:
     steps: int = 0
     tokens_processed: int = 0
     errors: int = 0
+    compute_seconds: float = 0.0
 
 
 @dataclass
@@ -176,6 +177,7 @@ class SessionManager:
         with self._lock:
             self.counters.steps += 1
             self.counters.tokens_processed += new * session.batch_size
+            self.counters.compute_seconds += seconds
         return out, seconds
 
     def settle(self, session: Session, req: node_pb2.Settle) -> int:

@@ -72,20 +72,22 @@ class InferenceRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., settle: _Optional[_Union[Settle, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "start_block", "end_block", "dtype", "node_account", "params_per_token")
+    __slots__ = ("session_id", "start_block", "end_block", "dtype", "node_account", "params_per_token", "node_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NODE_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NODE_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_block: int
     end_block: int
     dtype: str
     node_account: str
     params_per_token: int
-    def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., node_account: _Optional[str] = ..., params_per_token: _Optional[int] = ...) -> None: ...
+    node_key: str
+    def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., node_account: _Optional[str] = ..., params_per_token: _Optional[int] = ..., node_key: _Optional[str] = ...) -> None: ...
 
 class Settled(_message.Message):
     __slots__ = ("session_id", "seq")
@@ -96,16 +98,18 @@ class Settled(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("session_id", "step_id", "hidden_states", "compute_seconds")
+    __slots__ = ("session_id", "step_id", "hidden_states", "compute_seconds", "signature")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step_id: int
     hidden_states: Tensor
     compute_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    signature: str
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., signature: _Optional[str] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
     __slots__ = ("opened", "result", "settled")
@@ -122,16 +126,18 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeCounters(_message.Message):
-    __slots__ = ("sessions_opened", "steps", "tokens_processed", "errors")
+    __slots__ = ("sessions_opened", "steps", "tokens_processed", "errors", "compute_seconds")
     SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     sessions_opened: int
     steps: int
     tokens_processed: int
     errors: int
-    def __init__(self, sessions_opened: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., errors: _Optional[int] = ...) -> None: ...
+    compute_seconds: float
+    def __init__(self, sessions_opened: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., errors: _Optional[int] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "model_key", "model_name", "start_block", "end_block", "num_blocks", "dtype", "hidden_size", "cache_tokens_total", "cache_tokens_free", "active_sessions", "counters", "num_parameters", "version", "account", "receipts_pending")

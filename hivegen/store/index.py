@@ -8,6 +8,7 @@ Pointers (namespace: key -> value):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from hivegen.store.backend import ObjectStore, StoreError
@@ -69,13 +70,13 @@ class GenerationIndex:
                 refs |= set(self.store.list_pointers(namespace).values())
         return refs
 
-    def plan(self, request: GenerationRequest) -> Reuse:
-        """The cheapest way to answer `request` from what is stored."""
+    def plan(self, request: GenerationRequest, accept: Callable[[Generation], bool] | None = None) -> Reuse:
+        """The cheapest way to answer `request` from what is stored, using only records `accept` allows."""
         exact = self.find(request)
-        if exact is not None:
+        if exact is not None and (accept is None or accept(exact)):
             return Reuse("replay", exact, exact.tokens, exact.finish_reason)
         wanted = request.max_new_tokens
-        candidates = self.same_stem(request)
+        candidates = [g for g in self.same_stem(request) if accept is None or accept(g)]
         for stored in candidates:
             if len(stored.tokens) >= wanted:  # a longer run: its first `wanted` tokens are the answer
                 reason = stored.finish_reason if len(stored.tokens) == wanted else "length"

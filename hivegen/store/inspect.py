@@ -54,6 +54,7 @@ class GenerationSummary:
     finish_reason: str
     parent: str | None
     preview: str
+    verified: str  # "all", "k/n" hops re-executed and matched, "off", or "-" (recorded before verification)
 
     @classmethod
     def of(cls, g: Generation) -> GenerationSummary:
@@ -66,6 +67,7 @@ class GenerationSummary:
             g.finish_reason,
             g.parent,
             preview(g.text),
+            verified_label(g.verification),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -80,6 +82,7 @@ class GenerationSummary:
             "finish_reason": self.finish_reason,
             "parent": self.parent,
             "preview": self.preview,
+            "verified": self.verified,
         }
 
 
@@ -264,7 +267,7 @@ def format_listing(rows: Sequence[GenerationSummary | TraceSummary], location: s
     if gens:
         parts.append(
             table(
-                ["REF", "CREATED", "MODEL", "PROMPT", "TOKENS", "FINISH", "PARENT", "TEXT"],
+                ["REF", "CREATED", "MODEL", "PROMPT", "TOKENS", "FINISH", "VERIFIED", "PARENT", "TEXT"],
                 [
                     [
                         g.ref[:SHORT],
@@ -273,6 +276,7 @@ def format_listing(rows: Sequence[GenerationSummary | TraceSummary], location: s
                         g.prompt_tokens,
                         g.tokens,
                         g.finish_reason,
+                        g.verified,
                         g.parent[:SHORT] if g.parent else "-",
                         g.preview,
                     ]
@@ -343,12 +347,42 @@ def _format_generation(ref: str, data: dict[str, Any], request: dict[str, Any]) 
                 ("route", route or None),
                 ("work", work or None),
                 ("steps", _steps(data.get("step_seconds", []))),
+                ("verified", verified_label(data.get("verification") or {})),
             ]
         ),
     ]
+    lines += _verification_lines(data.get("verification") or {})
     lines.append("  text:")
     lines += ["    " + line for line in str(data.get("text", "")).splitlines() or [""]]
     return "\n".join(lines)
+
+
+def verified_label(verification: dict[str, Any]) -> str:
+    """How a record's node work was checked, in a word: "all" hops re-executed and matched, "k/n" of them, "off",
+    or "-" for records made before hivegen verified anything."""
+    if not verification:
+        return "-"
+    if verification.get("mode") == "off":
+        return "off"
+    hops = verification.get("hops", [])
+    checked = sum(1 for h in hops if h.get("result") in ("match", "lied"))
+    return "all" if hops and checked == len(hops) else f"{checked}/{len(hops)}"
+
+
+def _verification_lines(verification: dict[str, Any]) -> list[str]:
+    """One line per hop: who served it, who re-ran it, and how close the answers were."""
+    lines = [f"  hops ({verification.get('mode')}):"] if verification.get("hops") else []
+    for hop in verification.get("hops", []):
+        start, end = hop.get("blocks", ["?", "?"])
+        line = f"    {start}:{end} at {hop.get('address')}: {hop.get('result')}"
+        if hop.get("verified_by"):
+            line += f" by {', '.join(str(n)[:16] for n in hop['verified_by'])}"
+        if hop.get("max_error") is not None:
+            line += f" (error {hop['max_error']:.2g}, tolerance {hop.get('tolerance'):.2g})"
+        lines.append(line)
+    for liar, evidence in zip(verification.get("liars", []), verification.get("evidence", []), strict=False):
+        lines.append(f"    caught lying and banned: {liar} (evidence {str(evidence)[:SHORT]})")
+    return lines
 
 
 def _fields(pairs: Sequence[tuple[str, object]]) -> list[str]:

@@ -88,8 +88,16 @@ class Generation:
     work: dict[str, int] = field(default_factory=dict)  # positions and block-positions computed remotely
     parent: str | None = None  # the generation this one reused or continued, if any
     created_at: float = 0.0
+    # How node work was re-executed to check it: {"mode", "verified", "hops": [...], "liars", "evidence"}; empty
+    # for records made before verification existed, and for replays (which keep their source's).
+    verification: dict[str, Any] = field(default_factory=dict)
     ref: str = ""
     replayed: bool = False
+
+    @property
+    def verified(self) -> bool:
+        """Every hop that produced it was re-executed on another node and matched."""
+        return bool(self.verification.get("verified"))
 
     @property
     def request_ref(self) -> str:
@@ -106,6 +114,7 @@ class Generation:
             "work": dict(self.work),
             "parent": self.parent,
             "created_at": self.created_at,
+            "verification": dict(self.verification),
         }
 
     def links(self) -> list[str]:
@@ -126,6 +135,7 @@ class Generation:
             work=dict(data["work"]),
             parent=data["parent"],
             created_at=data["created_at"],
+            verification=dict(data.get("verification") or {}),
             ref=ref,
         )
 

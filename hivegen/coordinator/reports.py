@@ -1,0 +1,435 @@
+"""Reports of lying nodes: the coordinator checks a client's evidence, keeps it, and lists the nodes reported.
+
+The coordinator does not hold the model, so it cannot re-run the blocks. What it checks proves that the accused
+node signed the inputs of steps 0..k of a session and the output of step k, and that this output is farther than
+the tolerance from what the witnesses computed. Whether the witnesses or the node are right is not proven: a
+listing is an accusation with checkable evidence, not a verdict. Anyone holding the blocks can fetch the evidence
+(`GET /evidence/<digest>` on the status page) and re-run the steps from an empty cache to settle it.
+
+Bounds on what a stranger can make the coordinator keep (ReportStore): evidence of at most 32 MiB per report; at
+most 20 stored reports per (reporter, node key); at most 100,000 stored reports in all; at most 1 GiB of evidence
+files in all (CoordinatorConfig.evidence_budget). Past a bound new reports are refused with RESOURCE_EXHAUSTED;
+duplicates (same reporter, same evidence) are acknowledged without storing anything. Accounts cost nothing to make,
+so the number of distinct reporters is a hint, not proof of independent witnesses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from google.protobuf.message import DecodeError
+
+from hivegen.credits.attestation import StepClaim, step_input_digest, tensor_digest, verify_claim
+from hivegen.credits.identity import PUBLIC_KEY_PATTERN, Identity, account_of, verify_signature
+from hivegen.errors import HivegenError
+from hivegen.proto import node_pb2, reports_pb2, reports_pb2_grpc
+from hivegen.proto.tensors import TensorDecodeError, deserialize
+from hivegen.store.encoding import canonical_bytes, is_ref
+
+logger = logging.getLogger(__name__)
+
+REPORT_KIND = "hivegen.report"
+REPORT_VERSION = 1
+MAX_EVIDENCE_BYTES = 32 * 1024 * 1024  # one session's steps of a small span; larger evidence is refused unread
+MAX_STEPS = 16_384  # each step costs one Ed25519 verification
+MAX_CLOCK_SKEW_S = 600.0  # a report's `at` must be this close to the coordinator's clock
+MAX_TEXT_CHARS = 256  # model key, session id, node id and address are stored and shown: keep them short
+REPORTS_PER_REPORTER_AND_NODE = 20
+MAX_REPORTS = 100_000
+DEFAULT_EVIDENCE_BUDGET = 1024**3
+REPORTS_FILE = "reports.sqlite"
+EVIDENCE_DIR = "evidence"
+MIN_NORM = 1e-6  # floor of ||expected_p|| in the relative error, so zero rows do not divide by zero
+
+
+class ReportRejected(HivegenError):
+    """The coordinator refused a report; `reason` says which check failed and `status` the gRPC code it maps to."""
+
+    _INVALID = ("stale", "too-large", "malformed", "node-mismatch", "unsigned-step", "digest-mismatch", "no-error")
+    STATUS = {
+        "bad-signature": grpc.StatusCode.PERMISSION_DENIED,  # the reporter is not who it says
+        **dict.fromkeys(_INVALID, grpc.StatusCode.INVALID_ARGUMENT),  # the evidence proves nothing
+        **dict.fromkeys(("too-many-reports", "storage-full"), grpc.StatusCode.RESOURCE_EXHAUSTED),  # a bound is hit
+    }
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in self.STATUS:
+            raise ValueError(f"unknown report rejection reason {reason!r}; use one of {sorted(self.STATUS)}")
+        self.reason = reason
+        self.detail = detail
+        self.status = self.STATUS[reason]
+        super().__init__(f"report rejected ({reason}): {detail}")
+
+
+@dataclass(frozen=True)
+class CheckedReport:
+    """A report that passed every check, with the coordinator's own measure of the error."""
+
+    digest: str  # SHA-256 (hex) of the evidence bytes
+    evidence: bytes = field(repr=False)
+    reporter: str
+    node_key: str
+    node_id: str
+    node_address: str
+    model_key: str
+    error: float  # recomputed in float32 over step k's unpadded positions; inf for a non-finite output
+    tolerance: float
+    at: float
+
+
+def report_payload(evidence_digest: str, at: float) -> bytes:
+    """The bytes a reporter signs: canonical JSON tagged so that no other signed message can match them."""
+    return canonical_bytes({"kind": REPORT_KIND, "v": REPORT_VERSION, "evidence": evidence_digest, "at": float(at)})
+
+
+def sign_report(identity: Identity, evidence_bytes: bytes, at: float | None = None) -> reports_pb2.Report:
+    """A Report of serialized Evidence, signed by `identity` at `at` (default: now)."""
+    at = time.time() if at is None else float(at)
+    signature = identity.sign(report_payload(hashlib.sha256(evidence_bytes).hexdigest(), at))
+    return reports_pb2.Report(
+        evidence=evidence_bytes,
+        reporter=identity.account,
+        reporter_key=identity.public_key_hex,
+        at=at,
+        signature=signature.hex(),
+    )
+
+
+def check_report(report: reports_pb2.Report, now: float | None = None) -> CheckedReport:
+    """Check everything the coordinator can without the model; raise ReportRejected naming the first failure."""
+    now = time.time() if now is None else now
+    data = bytes(report.evidence)
+    if len(data) > MAX_EVIDENCE_BYTES:
+        raise ReportRejected("too-large", f"evidence is {len(data)} bytes; at most {MAX_EVIDENCE_BYTES} are accepted")
+    if not math.isfinite(report.at) or abs(now - report.at) > MAX_CLOCK_SKEW_S:
+        raise ReportRejected(
+            "stale", f"report time {report.at} is more than {MAX_CLOCK_SKEW_S:.0f} s from {now:.0f}; check your clock"
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    _check_reporter(report, digest)
+    try:
+        evidence = reports_pb2.Evidence.FromString(data)
+    except DecodeError as exc:
+        raise ReportRejected("malformed", f"evidence bytes are not a serialized Evidence: {exc}") from exc
+    _check_fields(evidence)
+    _check_steps(evidence)
+    return CheckedReport(
+        digest=digest,
+        evidence=data,
+        reporter=report.reporter,
+        node_key=evidence.node_key,
+        node_id=evidence.node_id,
+        node_address=evidence.node_address,
+        model_key=evidence.model_key,
+        error=measure_error(evidence),
+        tolerance=evidence.tolerance,
+        at=report.at,
+    )
+
+
+def check_evidence_signatures(evidence: reports_pb2.Evidence) -> None:
+    """The evidence's fields are well formed, every step is signed by the accused node over its inputs, and the
+    output is the one it signed for the last step; ReportRejected naming the first failure otherwise."""
+    _check_fields(evidence)
+    _check_steps(evidence)
+
+
+def _check_reporter(report: reports_pb2.Report, digest: str) -> None:
+    key = report.reporter_key
+    if not PUBLIC_KEY_PATTERN.fullmatch(key) or account_of(key) != report.reporter:
+        raise ReportRejected("bad-signature", f"reporter key {key[:16]!r}... does not own account {report.reporter!r}")
+    try:
+        signature = bytes.fromhex(report.signature)
+    except ValueError:
+        signature = b""
+    if not verify_signature(key, signature, report_payload(digest, report.at)):
+        raise ReportRejected("bad-signature", f"the signature is not {report.reporter}'s signature of this report")
+
+
+def _check_fields(e: reports_pb2.Evidence) -> None:
+    if not PUBLIC_KEY_PATTERN.fullmatch(e.node_key):
+        raise ReportRejected("malformed", "node_key must be 64 lowercase hex characters")
+    if not e.node_id.endswith("@" + e.node_key) or len(e.node_id) == len(e.node_key) + 1:
+        raise ReportRejected("node-mismatch", f"node_id {e.node_id[:80]!r} is not '<peer id>@{e.node_key}'")
+    for name in ("model_key", "session_id", "node_id", "node_address"):
+        value = getattr(e, name)
+        if len(value) > MAX_TEXT_CHARS or not value.isprintable() or (not value and name != "node_address"):
+            raise ReportRejected("malformed", f"{name} must be printable text of 1 to {MAX_TEXT_CHARS} characters")
+    if e.start_block >= e.end_block:
+        raise ReportRejected("malformed", f"blocks [{e.start_block}, {e.end_block}) are empty")
+    if not (math.isfinite(e.tolerance) and e.tolerance > 0):
+        raise ReportRejected("malformed", f"tolerance must be a positive finite number, not {e.tolerance}")
+
+
+def _check_steps(e: reports_pb2.Evidence) -> None:
+    """Every step is signed by the node over its inputs, and the output is the one it signed at step k."""
+    if not 0 < len(e.steps) <= MAX_STEPS:
+        raise ReportRejected("malformed", f"evidence must hold 1 to {MAX_STEPS} steps, not {len(e.steps)}")
+    if any(s.step != i for i, s in enumerate(e.steps)):
+        raise ReportRejected("malformed", "steps must be 0, 1, ..., k in order, from the start of the session")
+    for s in e.steps:
+        inputs = node_pb2.Step(
+            hidden_states=s.hidden_states, position_ids=s.position_ids, attention_mask=s.attention_mask
+        )
+        claim = StepClaim(
+            model_key=e.model_key,
+            session_id=e.session_id,
+            step=s.step,
+            start=e.start_block,
+            end=e.end_block,
+            input_digest=step_input_digest(inputs),
+            output_digest=s.output_digest,
+        )
+        if not verify_claim(e.node_key, claim, s.signature):
+            raise ReportRejected(
+                "unsigned-step", f"step {s.step} is not signed by node key {e.node_key[:16]}... with these inputs"
+            )
+    if tensor_digest(e.output) != e.steps[-1].output_digest:
+        raise ReportRejected("digest-mismatch", "the output's digest is not the one the node signed for the last step")
+
+
+def measure_error(e: reports_pb2.Evidence) -> float:
+    """The largest relative L2 error ||output_p - expected_p|| / max(||expected_p||, 1e-6) over the last step's
+    positions whose attention_mask is 1, in float32; ReportRejected("no-error") unless it exceeds the tolerance.
+
+    Evidence without `expected` accuses a self-evidently wrong answer: blocks map hidden states of shape
+    [batch, new, hidden] to the same shape, with finite values, so an output of another shape, dtype, or with
+    NaN or infinities at unpadded positions is proven wrong by the node's own signature alone (error = inf).
+    """
+    if not e.HasField("expected"):
+        return _self_evident_error(e)
+    try:
+        output, expected = deserialize(e.output), deserialize(e.expected)
+        mask = deserialize(e.steps[-1].attention_mask)
+    except TensorDecodeError as exc:
+        raise ReportRejected("malformed", f"a tensor does not decode: {exc}") from exc
+    if not (output.is_floating_point() and expected.is_floating_point()):
+        raise ReportRejected("malformed", f"output and expected must be floats, not {output.dtype}, {expected.dtype}")
+    if output.dim() != 3 or output.shape != expected.shape or mask.shape != output.shape[:2]:
+        raise ReportRejected(
+            "malformed",
+            f"output {list(output.shape)} and expected {list(expected.shape)} must be [batch, new, hidden] "
+            f"with the last step's attention_mask {list(mask.shape)} as [batch, new]",
+        )
+    expected32 = expected.float()
+    if not torch.isfinite(expected32).all():
+        raise ReportRejected("malformed", "expected holds non-finite values; witnesses never agree on those")
+    diff = torch.linalg.vector_norm(output.float() - expected32, dim=-1)
+    relative = torch.nan_to_num(diff / torch.linalg.vector_norm(expected32, dim=-1).clamp_min(MIN_NORM), nan=math.inf)
+    compared = relative[mask == 1]
+    if compared.numel() == 0:
+        raise ReportRejected("no-error", "the last step has no unpadded position to compare")
+    worst = float(compared.max())
+    if not worst > e.tolerance:
+        raise ReportRejected("no-error", f"the largest error {worst:.3g} is within the tolerance {e.tolerance:.3g}")
+    return worst
+
+
+def _self_evident_error(e: reports_pb2.Evidence) -> float:
+    inputs = e.steps[-1].hidden_states
+    if (e.output.dtype, list(e.output.shape)) != (inputs.dtype, list(inputs.shape)):
+        return math.inf  # the signed answer cannot be the blocks' output for these inputs
+    try:
+        output, mask = deserialize(e.output), deserialize(e.steps[-1].attention_mask)
+    except TensorDecodeError as exc:
+        raise ReportRejected("malformed", f"a tensor does not decode: {exc}") from exc
+    if output.dim() != 3 or mask.shape != output.shape[:2]:
+        raise ReportRejected("malformed", f"output {list(output.shape)} is not [batch, new, hidden]")
+    if not bool(torch.isfinite(output.float()[mask == 1]).all()):
+        return math.inf
+    raise ReportRejected(
+        "no-error", "without `expected`, the output must have the wrong shape or dtype, or non-finite values"
+    )
+
+
+_SCHEMA = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS evidence (digest TEXT PRIMARY KEY, size INTEGER NOT NULL, stored_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS reports (
+    row INTEGER PRIMARY KEY,
+    node_key TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    node_address TEXT NOT NULL,
+    model_key TEXT NOT NULL,
+    reporter TEXT NOT NULL,
+    evidence_digest TEXT NOT NULL REFERENCES evidence (digest),
+    error REAL NOT NULL,
+    tolerance REAL NOT NULL,
+    at REAL NOT NULL,
+    received_at REAL NOT NULL,
+    UNIQUE (reporter, evidence_digest)
+);
+CREATE INDEX IF NOT EXISTS reports_by_node ON reports (node_key, reporter);
+COMMIT;
+"""
+
+
+class ReportStore:
+    """Accepted reports in SQLite (WAL) and their evidence as files named by digest, within the module's bounds."""
+
+    def __init__(
+        self,
+        data: Path,
+        evidence_budget: int = DEFAULT_EVIDENCE_BUDGET,
+        per_reporter_and_node: int = REPORTS_PER_REPORTER_AND_NODE,
+        max_reports: int = MAX_REPORTS,
+    ) -> None:
+        self.evidence_dir = data / EVIDENCE_DIR
+        self.evidence_dir.mkdir(parents=True, exist_ok=True)
+        self.evidence_budget = evidence_budget
+        self.per_reporter_and_node = per_reporter_and_node
+        self.max_reports = max_reports
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(data / REPORTS_FILE, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.executescript(_SCHEMA)
+
+    def add(self, report: CheckedReport, now: Callable[[], float] = time.time) -> int:
+        """Keep `report` (a duplicate changes nothing); return how many distinct reporters its node key has.
+
+        Raises ReportRejected("too-many-reports" or "storage-full") past a bound, storing nothing.
+        """
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                self._insert(db, report, now())
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return self._reporters(report.node_key)
+
+    def _insert(self, db: sqlite3.Connection, r: CheckedReport, received_at: float) -> None:
+        duplicate = "SELECT 1 FROM reports WHERE reporter = ? AND evidence_digest = ?"
+        if db.execute(duplicate, (r.reporter, r.digest)).fetchone():
+            return
+        mine = db.execute("SELECT COUNT(*) FROM reports WHERE node_key = ? AND reporter = ?", (r.node_key, r.reporter))
+        if mine.fetchone()[0] >= self.per_reporter_and_node:
+            raise ReportRejected(
+                "too-many-reports",
+                f"{r.reporter} already has {self.per_reporter_and_node} reports of node key {r.node_key[:16]}... "
+                "stored; one is enough for anyone to check",
+            )
+        if db.execute("SELECT COUNT(*) FROM reports").fetchone()[0] >= self.max_reports:
+            raise ReportRejected("storage-full", f"the coordinator keeps at most {self.max_reports} reports")
+        if not db.execute("SELECT 1 FROM evidence WHERE digest = ?", (r.digest,)).fetchone():
+            used = db.execute("SELECT COALESCE(SUM(size), 0) FROM evidence").fetchone()[0]
+            if used + len(r.evidence) > self.evidence_budget:
+                raise ReportRejected(
+                    "storage-full", f"the coordinator's evidence budget of {self.evidence_budget} bytes is spent"
+                )
+            self._write_evidence(r.digest, r.evidence)
+            db.execute("INSERT INTO evidence VALUES (?, ?, ?)", (r.digest, len(r.evidence), received_at))
+        db.execute(
+            "INSERT INTO reports (node_key, node_id, node_address, model_key, reporter, evidence_digest, error, "
+            "tolerance, at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (r.node_key, r.node_id, r.node_address, r.model_key, r.reporter, r.digest, r.error, r.tolerance, r.at,
+             received_at),
+        )  # fmt: skip
+
+    def _write_evidence(self, digest: str, data: bytes) -> None:
+        """Write `<digest>.pb` so a reader sees either nothing or the whole file (write, fsync, rename)."""
+        tmp = self.evidence_dir / f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.evidence_dir / f"{digest}.pb")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _reporters(self, node_key: str) -> int:
+        query = "SELECT COUNT(DISTINCT reporter) FROM reports WHERE node_key = ?"
+        return int(self._db.execute(query, (node_key,)).fetchone()[0])
+
+    def evidence(self, digest: str) -> bytes | None:
+        """The evidence bytes stored under `digest`, or None; ValueError if `digest` is not 64 lowercase hex."""
+        if not is_ref(digest):
+            raise ValueError(f"{digest[:80]!r} is not an evidence digest (64 lowercase hex characters)")
+        with self._lock:
+            known = self._db.execute("SELECT 1 FROM evidence WHERE digest = ?", (digest,)).fetchone()
+        if not known:
+            return None
+        data = (self.evidence_dir / f"{digest}.pb").read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise HivegenError(f"evidence file {digest}.pb is corrupt: its SHA-256 differs from its name")
+        return data
+
+    def reported_nodes(self) -> list[dict[str, Any]]:
+        """Per reported node key: its account, ids, addresses, models, distinct reporters, reports, evidence
+        digests and last report time; most reporters first, then most reports."""
+        query = "SELECT node_key, node_id, node_address, model_key, reporter, evidence_digest, received_at FROM reports"
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY row").fetchall()
+        nodes: dict[str, dict[str, Any]] = {}
+        for node_key, node_id, address, model_key, reporter, digest, received_at in rows:
+            n = nodes.setdefault(
+                node_key,
+                {"node_key": node_key, "account": account_of(node_key), "node_ids": set(), "addresses": set(),
+                 "models": set(), "reporters": set(), "reports": 0, "evidence": [], "last_report_at": 0.0},
+            )  # fmt: skip
+            n["node_ids"].add(node_id)
+            n["addresses"].add(address)
+            n["models"].add(model_key)
+            n["reporters"].add(reporter)
+            n["reports"] += 1
+            if digest not in n["evidence"]:
+                n["evidence"].append(digest)
+            n["last_report_at"] = max(n["last_report_at"], received_at)
+        listed = [
+            {
+                **n,
+                **{k: sorted(n[k] - {""}) for k in ("node_ids", "addresses", "models")},
+                "reporters": len(n["reporters"]),
+            }
+            for n in nodes.values()
+        ]
+        return sorted(listed, key=lambda n: (-n["reporters"], -n["reports"], -n["last_report_at"], n["node_key"]))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class ReportsServicer(reports_pb2_grpc.ReportsServicer):
+    """ReportNode checks and keeps a report; ListReports lists the reported nodes."""
+
+    def __init__(self, store: ReportStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+
+    def ReportNode(self, request: reports_pb2.Report, context: grpc.ServicerContext) -> reports_pb2.ReportAck:
+        try:
+            checked = check_report(request, self.clock())
+            reporters = self.store.add(checked, self.clock)
+        except ReportRejected as exc:
+            logger.info("refused a report from %s: %s", request.reporter[:42], exc)
+            context.set_trailing_metadata((("hivegen-error", "report-rejected"), ("hivegen-reason", exc.reason)))
+            context.abort(exc.status, str(exc))
+        except Exception as exc:  # a bug or a full disk: this call fails, the coordinator keeps serving
+            logger.exception("internal error while keeping a report")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error on the coordinator: {type(exc).__name__}: {exc}")
+        logger.info(
+            "report %s: node %s (%s) off by %.3g on %s; %d reporters",
+            checked.digest[:12], checked.node_id, checked.node_address, checked.error, checked.model_key, reporters,
+        )  # fmt: skip
+        return reports_pb2.ReportAck(evidence_digest=checked.digest, reporters=reporters)
+
+    def ListReports(
+        self, request: reports_pb2.ReportsRequest, context: grpc.ServicerContext
+    ) -> reports_pb2.ReportsResponse:
+        return reports_pb2.ReportsResponse(nodes=[reports_pb2.ReportedNode(**n) for n in self.store.reported_nodes()])
