@@ -3,7 +3,10 @@
 1. Cost: greedy generation with verification off, default and every hop, next to local transformers'
    generate in this process (the baseline): tok/s as ratios, and the node compute each mode spends (the sum of
    every node's compute seconds and positions processed, as a ratio to verification off). The cluster has two
-   replicas of each half of the model, so every hop can be re-executed.
+   replicas of each half of the model, so every hop can be re-executed. On a small shared machine the nodes'
+   compute seconds are noisy, so the cost is also measured in this process, uncontended: one half of the model's
+   blocks runs a generation (prefill + decode steps), then the re-executions that check it (a full one, the
+   default's spot checks, the prompt alone), for a short and a long prompt and answer.
 2. Detection: a cheating node (tests/adversary.py) that serves the first half, claims a huge throughput so that
    routes use it, and adds noise to its answers on every step, or on 1 step in 10. Over N generations each:
    how often the default policy caught it in the node's first generation with a client, and in later ones (the
@@ -11,13 +14,15 @@
 3. Stall: a node of the route is stopped (SIGSTOP, a hung node) or killed (SIGKILL) after the 5th token; the
    step that meets it takes this long before the route is repaired (min/median/max over the runs).
 
-python benchmarks/verification.py --model tiny-llama|smollm2|DIR [--generations 100] [--runs 5] [--json]
+python benchmarks/verification.py --model tiny-llama|smollm2|DIR [--generations 100] [--runs 5]
+    [--parts cost,detection,stall] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import statistics
@@ -35,9 +40,10 @@ from transformers import AutoModelForCausalLM
 from hivegen.client import RemoteModelForCausalLM
 from hivegen.client.bans import BanList
 from hivegen.client.health import HealthBook
-from hivegen.client.verify import PROBATION, Verifier, VerifyPolicy
+from hivegen.client.verify import DEFAULT_RATE, PROBATION, Verifier, VerifyPolicy
 from hivegen.cluster import LocalCluster
 from hivegen.model.checkpoint import ModelCheckpoint
+from hivegen.model.demo import hivegen_home
 from hivegen.proto import node_pb2, node_pb2_grpc
 
 ADVERSARY = Path(__file__).resolve().parent.parent / "tests" / "adversary.py"
@@ -87,6 +93,41 @@ def measure_cost(cluster: LocalCluster, path: Path, prompt: torch.Tensor, new: i
             "node_positions": (positions1 - positions0) / repeats,
             "exact": exact,
         }
+    return rows
+
+
+def measure_reexecution(path: Path, blocks: int, shapes: list[tuple[int, int]], repeats: int) -> dict[str, Any]:
+    """Compute of re-executions as a share of the generation they check, one span, in this process."""
+    from hivegen.model.span import BlockSpan
+
+    span = BlockSpan(ModelCheckpoint.open(path), 0, blocks)
+
+    def prefill(hidden: torch.Tensor, length: int) -> float:
+        began = time.perf_counter()
+        mask = torch.ones(1, length, dtype=torch.int64)
+        span.forward(hidden[:, :length], torch.arange(length)[None], mask, span.new_cache())
+        return time.perf_counter() - began
+
+    def generation(hidden: torch.Tensor, prompt: int, new: int) -> float:
+        cache, began = span.new_cache(), time.perf_counter()
+        span.forward(hidden[:, :prompt], torch.arange(prompt)[None], torch.ones(1, prompt, dtype=torch.int64), cache)
+        for i in range(prompt, prompt + new):
+            mask = torch.ones(1, i + 1, dtype=torch.int64)
+            span.forward(hidden[:, i : i + 1], torch.tensor([[i]]), mask, cache)
+        return time.perf_counter() - began
+
+    rows: dict[str, Any] = {}
+    for prompt, new in shapes:
+        hidden = torch.randn(1, prompt + new, span.hidden_size)
+        generation(hidden, prompt, new)
+        gen = statistics.median(generation(hidden, prompt, new) for _ in range(repeats))
+        full = statistics.median(prefill(hidden, prompt + new) for _ in range(repeats))
+        spot = statistics.mean(prefill(hidden, prompt + s) for s in range(0, new + 1, max(1, new // 8)))
+        alone = statistics.median(prefill(hidden, prompt) for _ in range(repeats))
+        default = DEFAULT_RATE * full + (1 - DEFAULT_RATE) * spot
+        rows[f"prompt {prompt}, {new} new"] = {
+            "generation_s": gen, "all": full / gen, "default": default / gen, "prompt_only": alone / gen,
+        }  # fmt: skip
     return rows
 
 
@@ -148,32 +189,69 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="generations timed per verification mode")
     parser.add_argument("--generations", type=int, default=100, help="generations per detection figure")
     parser.add_argument("--runs", type=int, default=5, help="runs per stall figure")
+    parser.add_argument("--parts", default="reexecution,cost,detection,stall", help="which figures to measure")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.ERROR)  # every caught lie and re-route would log a warning
     tmp = Path(tempfile.mkdtemp(prefix="hivegen-bench-verify-"))
-    os.environ.setdefault("HIVEGEN_HOME", str(tmp / "home"))  # bans and evidence stay out of ~/.hivegen
+    models = hivegen_home() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    os.environ["HIVEGEN_HOME"] = str(tmp / "home")  # the evidence of the detection runs stays out of ~/.hivegen
+    (tmp / "home").mkdir()
+    (tmp / "home" / "models").symlink_to(models, target_is_directory=True)  # prepared demo models are shared
     path = resolve_model(args.model, tmp)
     blocks = ModelCheckpoint.open(path).num_blocks
     half = blocks // 2
     prompt = torch.randint(3, 200, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
     spans = [(0, half), (half, blocks), (0, half), (half, blocks)]
     report: dict[str, Any] = {"model": args.model, "new_tokens": args.new_tokens, "cpus": os.cpu_count()}
+    if "reexecution" in parts:
+        shapes = [(PROMPT_LEN, args.new_tokens), (PROMPT_LEN, 4 * args.new_tokens), (8 * PROMPT_LEN, args.new_tokens)]
+        report["reexecution"] = measure_reexecution(path, half, shapes, args.repeats)
+    if not parts & {"cost", "detection", "stall"}:
+        print(json.dumps(report, indent=2) if args.json else render(report))
+        return 0
     with LocalCluster(path, spans=spans, node_threads=1, work_dir=tmp / "cluster") as cluster:
-        report["cost"] = measure_cost(cluster, path, prompt, args.new_tokens, args.repeats)
-        report["detection"] = measure_detection(
-            cluster, path, prompt, args.new_tokens, args.generations, tmp / "control.json"
-        )
-        report["stall_seconds"] = measure_stalls(cluster, path, prompt, args.new_tokens, args.runs)
+        if "cost" in parts:
+            report["cost"] = measure_cost(cluster, path, prompt, args.new_tokens, args.repeats)
+        if "detection" in parts:
+            report["detection"] = measure_detection(
+                cluster, path, prompt, args.new_tokens, args.generations, tmp / "control.json"
+            )
+        if "stall" in parts:
+            report["stall_seconds"] = measure_stalls(cluster, path, prompt, args.new_tokens, args.runs)
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
 
 
 def render(report: dict[str, Any]) -> str:
-    cost = report["cost"]
+    lines = [f"model {report['model']}, {report['new_tokens']} new tokens, {report['cpus']} cpus"]
+    if "reexecution" in report:
+        lines += ["", "re-execution compute / the generation's own, one span in this process (1 thread):"]
+        for label, row in report["reexecution"].items():
+            lines.append(
+                f"  {label:<22} every hop {row['all']:6.1%}   default {row['default']:6.1%}   "
+                f"prompt alone {row['prompt_only']:6.1%}   (generation {row['generation_s'] * 1000:.0f} ms)"
+            )
+    if "cost" in report:
+        lines += ["", *render_cost(report["cost"])]
+    if "detection" in report:
+        lines += ["", "detection (default policy):"]
+        for label, row in report["detection"].items():
+            n = row["generations"]
+            lines.append(f"  {label:<36} caught {row['caught']:>3}/{n}   tokens exact {row['exact']:>3}/{n}")
+    if "stall_seconds" in report:
+        lines += ["", "stall when a node of the route fails after the 5th token (seconds):"]
+        for label, row in report["stall_seconds"].items():
+            lines.append(f"  {label:<16} min {row['min']:.2f}  median {row['median']:.2f}  max {row['max']:.2f}")
+    return "\n".join(lines)
+
+
+def render_cost(cost: dict[str, Any]) -> list[str]:
     off = cost["off"]
-    lines = [f"model {report['model']}, {report['new_tokens']} new tokens, {report['cpus']} cpus", "", "cost:"]
-    lines.append(f"  local transformers  {cost['local']['tok_s']:7.1f} tok/s  1.00x local")
+    lines = ["cost:", f"  local transformers  {cost['local']['tok_s']:7.1f} tok/s  1.00x local"]
     for mode in ("off", "default", "all"):
         row = cost[mode]
         lines.append(
@@ -182,14 +260,7 @@ def render(report: dict[str, Any]) -> str:
             f"({row['node_seconds'] / off['node_seconds']:.2f}x off)  positions {row['node_positions']:.0f} "
             f"({row['node_positions'] / off['node_positions']:.2f}x off)  {'EXACT' if row['exact'] else 'DIFF'}"
         )
-    lines += ["", "detection (default policy):"]
-    for label, row in report["detection"].items():
-        n = row["generations"]
-        lines.append(f"  {label:<36} caught {row['caught']:>3}/{n}   tokens exact {row['exact']:>3}/{n}")
-    lines += ["", "stall when a node of the route fails after the 5th token (seconds):"]
-    for label, row in report["stall_seconds"].items():
-        lines.append(f"  {label:<16} min {row['min']:.2f}  median {row['median']:.2f}  max {row['max']:.2f}")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

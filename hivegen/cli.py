@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", help="write JSON here once serving and announced")
     paid = serve.add_argument_group("credits", "charge clients for the work served (needs --coordinator)")
     paid.add_argument("--coordinator", help="HOST:PORT of the coordinator's ledger; omit to serve for free")
-    paid.add_argument("--identity", help="key file of the account paid (default: ~/.hivegen/identity)")
+    paid.add_argument("--identity", help="the node's key: signs its DHT records and answers, and is the account "
+                      "paid (default: $HIVEGEN_IDENTITY, else ~/.hivegen/identity)")  # fmt: skip
     paid.add_argument("--data", help="directory of unsubmitted receipts (default: ~/.hivegen/node)")
     paid.add_argument("--unpaid-steps", type=int, default=1, help="steps a session's receipts may lag (default 1)")
     paid.add_argument(

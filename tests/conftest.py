@@ -23,6 +23,15 @@ TinyFactory = Callable[..., Path]
 ClusterFactory = Callable[..., LocalCluster]
 
 
+def greedy_reference(model: Path, prompt: list[int], new: int, dtype: torch.dtype = torch.float32) -> list[int]:
+    """The tokens transformers' own generate gives greedily for `prompt` (eos off): the bar for exactness."""
+    from transformers import AutoModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa", dtype=dtype)
+    out = local.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return list(out[0, len(prompt) :].tolist())
+
+
 def wait_for(predicate: Callable[[], T], timeout: float = 120.0, what: str = "condition") -> T:
     """Poll `predicate` until it returns something truthy (returned), or fail naming `what`."""
     deadline = time.monotonic() + timeout

@@ -18,16 +18,17 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
+from hivegen.cli import main
 from hivegen.client import Client, RemoteModelForCausalLM
 from hivegen.client.bans import BanList
 from hivegen.client.evidence import check_evidence
 from hivegen.cluster import ClusterNode, LocalCluster
 from hivegen.errors import VerificationError
+from hivegen.model.demo import hivegen_home
 from hivegen.proto import reports_pb2, reports_pb2_grpc
 from hivegen.store.inspect import generations
-from tests.conftest import ClusterFactory, TinyFactory
+from tests.conftest import ClusterFactory, TinyFactory, greedy_reference
 
 HONEST = [(0, 3), (0, 3), (3, 6), (3, 6)]
 PROMPT = [5, 17, 99, 3, 42, 8, 61]
@@ -58,9 +59,7 @@ def cheater(cluster: LocalCluster, control: Path) -> ClusterNode:
 
 @pytest.fixture(scope="module")
 def expected(model_path: Path) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa", dtype=torch.float32)
-    out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return list(out[0, len(PROMPT) :].tolist())
+    return greedy_reference(model_path, PROMPT, NEW)
 
 
 @pytest.fixture
@@ -233,3 +232,41 @@ def test_a_hung_node_is_abandoned_within_its_step_deadline(
     assert out[0, len(PROMPT) :].tolist() == expected
     assert health is not None and "DEADLINE_EXCEEDED" in health.last_error
     assert 2.0 <= slowest < 15.0  # the deadline (at least 2 s) plus the re-route, not the old fixed 60 s
+
+
+def test_replay_verified_answers_only_from_records_whose_every_hop_was_checked(
+    cluster: LocalCluster, cheater: ClusterNode, expected: list[int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with client(cluster, tmp_path, verify="off") as unchecked:
+        first = unchecked.generate(PROMPT, NEW)
+    with client(cluster, tmp_path, replay="verified") as strict:
+        second = strict.generate(PROMPT, NEW)  # the unchecked record does not count: generated and checked
+        third = strict.generate(PROMPT, NEW)
+    with client(cluster, tmp_path, replay="never") as fresh:
+        fourth = fresh.generate(PROMPT, NEW)
+    assert [g.replayed for g in (first, second, third, fourth)] == [False, False, True, False]
+    assert all(list(g.tokens) == expected for g in (first, second, third, fourth))
+    assert (first.verified, second.verified, third.verified) == (False, True, True)
+    assert main(["store", "ls", "--store", str(tmp_path / "store")]) == 0
+    listing = capsys.readouterr().out
+    assert "VERIFIED" in listing and " off " in listing and " all " in listing
+    assert main(["store", "show", second.ref[:12], "--store", str(tmp_path / "store")]) == 0
+    shown = capsys.readouterr().out
+    assert "verified:   all" in shown and "0:3 at" in shown and "3:6 at" in shown and ": match by " in shown
+
+
+def test_anyone_holding_the_blocks_can_check_published_evidence(
+    cluster: LocalCluster, cheater: ClusterNode, lie: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lie("noise")
+    with client(cluster, tmp_path) as c:
+        c.generate(PROMPT, NEW)
+    entry = reported(cluster, cheater)
+    assert entry is not None and cluster.coordinator is not None
+    url = f"{cluster.coordinator.status_url}/evidence/{entry.evidence[-1]}"
+    assert main(["evidence", "check", url, "--model", str(cluster.model)]) == 0
+    out = capsys.readouterr().out
+    assert "signatures: valid" in out
+    assert out.rstrip().endswith("proven: the node signed an answer its blocks do not compute")
+    kept = hivegen_home() / "evidence" / f"{entry.evidence[-1]}.pb"  # the client keeps its own copy
+    assert main(["evidence", "check", str(kept), "--model", str(cluster.model)]) == 0

@@ -88,3 +88,12 @@ def test_hop_cost_trades_off_against_compute() -> None:
 
 def test_format_blocks_compacts_ranges() -> None:
     assert format_blocks([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+
+
+def test_a_measured_node_is_routed_on_its_measurement_not_its_claim() -> None:
+    liar, honest = span("liar", 0, 6, throughput=1e9), span("honest", 0, 6, throughput=50.0)
+    assert hops(plan_route(spans(liar, honest), "m", 0, 6)) == [("liar", 0, 6)]  # unmeasured: the claim decides
+    measured = {liar.node_id: 0.5}  # seconds per block per decode step, as this client timed it
+    route = plan_route(spans(liar, honest), "m", 0, 6, measured=measured)
+    assert hops(route) == [("honest", 0, 6)]
+    assert route[0].block_seconds == pytest.approx(1 / (50.0 * 6))  # the hop carries the estimate its deadline uses

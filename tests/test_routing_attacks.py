@@ -12,14 +12,13 @@ from pathlib import Path
 import hivemind
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from hivegen.client import RemoteModelForCausalLM
 from hivegen.cluster import LocalCluster
 from hivegen.credits.identity import Identity
 from hivegen.dht import SpanRecord, announce_span, fetch_spans, node_id, start_dht
 from hivegen.errors import NoRouteError
-from tests.conftest import ClusterFactory, TinyFactory, wait_for
+from tests.conftest import ClusterFactory, TinyFactory, greedy_reference, wait_for
 
 PROMPT = [7, 3, 11, 19, 23]
 NEW = 6
@@ -37,9 +36,7 @@ def cluster(model_path: Path, start_cluster: ClusterFactory) -> LocalCluster:
 
 @pytest.fixture(scope="module")
 def expected(model_path: Path) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa", dtype=torch.float32)
-    out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return list(out[0, len(PROMPT) :].tolist())
+    return greedy_reference(model_path, PROMPT, NEW)
 
 
 @pytest.fixture(scope="module")

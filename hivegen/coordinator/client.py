@@ -63,12 +63,7 @@ class LedgerClient:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
-            if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-                raise CoordinatorUnreachable(
-                    f"coordinator {self.address} is unreachable ({code}); check --coordinator or start one with "
-                    "`hivegen coordinator serve`"
-                ) from exc
+            code = _raise_if_unreachable(exc, self.address)
             raise HivegenError(f"coordinator {self.address} answered {code}: {exc.details()}") from exc
 
 
@@ -88,15 +83,21 @@ def report_node(
         try:
             return reports_pb2_grpc.ReportsStub(channel).ReportNode(report, timeout=timeout)
         except grpc.RpcError as exc:
-            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
-            if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-                raise CoordinatorUnreachable(
-                    f"coordinator {coordinator_address} is unreachable ({code}); check the address or start one "
-                    "with `hivegen coordinator serve`"
-                ) from exc
+            code = _raise_if_unreachable(exc, coordinator_address)
             trailers = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
             reason = trailers.get("hivegen-reason", "")
             details = exc.details() if hasattr(exc, "details") else str(exc)
             if reason in ReportRejected.STATUS:
                 raise ReportRejected(reason, details.removeprefix(f"report rejected ({reason}): ")) from exc
             raise HivegenError(f"coordinator {coordinator_address} answered {code}: {details}") from exc
+
+
+def _raise_if_unreachable(error: grpc.RpcError, address: str) -> str:
+    """Raise CoordinatorUnreachable if `error` says nobody answered; else return its status code's name."""
+    code = error.code().name if hasattr(error, "code") else "UNKNOWN"
+    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        raise CoordinatorUnreachable(
+            f"coordinator {address} is unreachable ({code}); check --coordinator or start one with "
+            "`hivegen coordinator serve`"
+        ) from error
+    return str(code)
