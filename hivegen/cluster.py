@@ -172,10 +172,16 @@ class LocalCluster:
         return ClusterNode((start, end), process, ready, log, home, extra_args, launcher)
 
     def add_node(
-        self, start: int, end: int, extra_args: list[str] | None = None, launcher: list[str] | None = None
+        self,
+        start: int,
+        end: int,
+        extra_args: list[str] | None = None,
+        launcher: list[str] | None = None,
+        home: Path | None = None,
     ) -> ClusterNode:
-        """Start one more node for blocks [start, end) in the running cluster; return once it is announced."""
-        node = self.spawn_node(start, end, extra_args=extra_args, launcher=launcher)
+        """Start one more node for blocks [start, end) in the running cluster; return once it is announced.
+        `home` is its directory (identity, receipts; default: a new one under the work dir)."""
+        node = self.spawn_node(start, end, extra_args=extra_args, launcher=launcher, home=home)
         self.nodes.append(node)
         try:
             self.wait_ready([node])

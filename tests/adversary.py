@@ -8,7 +8,9 @@ a real cheater would, so that routers pick it first. CONTROL keys:
 
 - "mode": honest | noise (adds noise to its answers) | weights (runs other weights, from "other_model", under
   the honest model key) | nan | identity (returns its inputs unchanged) | last (only the last position) |
-  wide (one column too many) | huge (a 16 MiB answer) | unsigned (signs with another key) | hang (never answers);
+  wide (one column too many) | huge (a 16 MiB answer) | unsigned (signs with another key) | hang (never answers) |
+  nanpad (NaN at padded positions only, to poison the next hop) | refuse (refuses every session with a status no
+  honest node would give);
 - "after": the first step of each session it misbehaves at (default 0: from the first step);
 - "rate": the share of steps it misbehaves at, drawn per step (default 1.0);
 - "seed": for the draws and the noise;
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 
 from hivegen.cli import main
@@ -32,6 +35,7 @@ from hivegen.credits.identity import Identity
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.span import BlockSpan
 from hivegen.node import server, servicer, sessions
+from hivegen.node.errors import RequestError
 from hivegen.proto import node_pb2
 from hivegen.proto.tensors import deserialize
 
@@ -55,8 +59,10 @@ def _read_control() -> dict[str, Any]:
 
 
 def _open(self: sessions.SessionManager, req: node_pb2.OpenSession) -> sessions.Session:
-    session = _original_open(self, req)
     control = _read_control()
+    if control["mode"] == "refuse":
+        raise RequestError(grpc.StatusCode.ALREADY_EXISTS, "this session exists (it does not)")
+    session = _original_open(self, req)
     control["rng"] = random.Random(f"{control['seed']}-{session.session_id}")
     _modes[session.session_id] = control
     return session
@@ -89,6 +95,9 @@ def _tamper(out: torch.Tensor, req: node_pb2.Step, mode: str, seed: int) -> torc
         return deserialize(req.hidden_states)
     if mode == "last":
         return out[:, -1:].contiguous()
+    if mode == "nanpad":
+        padded = deserialize(req.attention_mask) == 0
+        return out.masked_fill(padded[..., None], float("nan"))
     if mode == "wide":
         return torch.cat([out, out[..., :1]], dim=-1)
     if mode == "huge":

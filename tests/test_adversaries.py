@@ -9,6 +9,7 @@ with evidence that re-running its signed steps confirms.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from hivegen.cli import main
 from hivegen.client import Client, RemoteModelForCausalLM
@@ -270,3 +272,79 @@ def test_anyone_holding_the_blocks_can_check_published_evidence(
     assert out.rstrip().endswith("proven: the node signed an answer its blocks do not compute")
     kept = hivegen_home() / "evidence" / f"{entry.evidence[-1]}.pb"  # the client keeps its own copy
     assert main(["evidence", "check", str(kept), "--model", str(cluster.model)]) == 0
+
+
+@pytest.fixture
+def extra_adversary(cluster: LocalCluster, tmp_path: Path) -> Iterator[Any]:
+    """Start more lying nodes for one test only (they would change every other test's routes)."""
+    started: list[ClusterNode] = []
+
+    def start(first: int, last: int, mode: str, home: Path | None = None, **extra: Any) -> ClusterNode:
+        control = tmp_path / f"control-{len(started)}.json"
+        control.write_text(json.dumps({"mode": mode, **extra}))
+        node = cluster.add_node(first, last, launcher=[sys.executable, str(ADVERSARY), str(control)], home=home)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        cluster.stop_node(cluster.nodes.index(node))
+
+
+def test_a_cheater_serving_more_blocks_than_anyone_else_is_checked_by_a_chain_of_others(
+    cluster: LocalCluster, cheater: ClusterNode, extra_adversary: Any, expected: list[int], tmp_path: Path
+) -> None:
+    big = extra_adversary(0, 6, "noise")  # nobody else serves 0:6: it hoped to be unverifiable
+    with client(cluster, tmp_path) as c:
+        generation = c.generate(PROMPT, NEW)
+    assert list(generation.tokens) == expected
+    assert generation.verification["liars"] == [big.node_id]
+    checked = next(h for h in generation.verification["hops"] if h["node"] == big.node_id)
+    assert len(checked["verified_by"]) >= 3  # a chain of witnesses (0:3 then 3:6) and a judge
+    assert_banned_and_reported_with_proof(cluster, big, tmp_path)
+
+
+def test_a_second_node_run_with_the_cheaters_key_never_witnesses_for_it(
+    cluster: LocalCluster, cheater: ClusterNode, lie: Any, extra_adversary: Any, expected: list[int], tmp_path: Path
+) -> None:
+    lie("noise")
+    home = tmp_path / "sibling"
+    home.mkdir()
+    shutil.copy(cheater.home / "identity", home / "identity")  # same owner, and the very same lies
+    sibling = extra_adversary(0, 3, "noise", home=home)
+    for run in range(5):  # witnesses are drawn at random: were the sibling eligible, it would vouch 1 time in 3
+        with client(cluster, tmp_path / str(run)) as c:
+            generation = c.generate(PROMPT, NEW)
+        assert list(generation.tokens) == expected
+        assert generation.verification["liars"] and set(generation.verification["liars"]) <= {
+            cheater.node_id,
+            sibling.node_id,
+        }
+
+
+def test_nan_in_padding_from_one_node_gets_no_honest_node_banned(
+    cluster: LocalCluster, cheater: ClusterNode, lie: Any, model_path: Path, tmp_path: Path
+) -> None:
+    lie("nanpad")  # right where it is never used, and where it would spread through the next hop's attention
+    prompts = torch.tensor([[0, 0, 0, 7, 9, 11], [5, 17, 99, 3, 42, 8]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    local = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa", dtype=torch.float32)
+    reference = local.generate(prompts, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)  # fmt: skip
+    bans = BanList(tmp_path / "bans.json")
+    with RemoteModelForCausalLM.from_pretrained(model_path, cluster.initial_peers, bans=bans, verify="all") as model:
+        out = model.generate(prompts, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=[])
+        route = model.last_route
+    assert torch.equal(out, reference)
+    assert cheater.node_id in {h.node_id for h in route} and not bans.owners()
+
+
+def test_a_node_refusing_with_a_status_no_honest_node_gives_is_routed_around(
+    cluster: LocalCluster, cheater: ClusterNode, lie: Any, expected: list[int], tmp_path: Path
+) -> None:
+    lie("refuse")
+    with client(cluster, tmp_path) as c:
+        generation = c.generate(PROMPT, NEW)
+        health = c.remote.swarm.health.get(cheater.node_id)
+    assert list(generation.tokens) == expected
+    assert health is not None and "ALREADY_EXISTS" in health.last_error

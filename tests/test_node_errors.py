@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from hivegen.cluster import LocalCluster
+from hivegen.credits.attestation import StepClaim, history_digests, step_input_digest, tensor_digest, verify_claim
 from hivegen.proto import node_pb2, node_pb2_grpc
 from hivegen.proto.options import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from hivegen.proto.tensors import deserialize, serialize
 from tests.wire import Request, Stream, exchange, info, new_id, open_request, refusal, step_request
 
 CACHE_TOKENS = 1024  # small enough that a legal session (batch <= 64, max_length <= 256) can overfill it
@@ -140,6 +142,37 @@ def test_hidden_states_in_another_dtype_are_invalid(
     error = refusal(stub, [open_request(cluster.model_key, sid), step])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "this node runs float32" in error.details()
+
+
+def test_hidden_states_with_nan_are_refused_so_the_node_cannot_be_blamed_for_them(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    sid = new_id()
+    step = step_request(sid, 0, hidden_size, new=3)
+    poisoned = deserialize(step.step.hidden_states).clone()
+    poisoned[0, 1, 0] = float("nan")
+    step.step.hidden_states.CopyFrom(serialize(poisoned))
+    error = refusal(stub, [open_request(cluster.model_key, sid), step])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN or infinite" in error.details()
+
+
+def test_every_answer_is_signed_by_the_node_key_over_its_whole_input_history(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    sid = new_id()
+    steps = [step_request(sid, 0, hidden_size, new=4), step_request(sid, 1, hidden_size, new=1, past=4)]
+    responses, error = exchange(stub, [open_request(cluster.model_key, sid), *steps])
+    assert error is None
+    key = responses[0].opened.node_key
+    assert cluster.nodes[0].node_id.endswith("@" + key)  # the key that owns the node's DHT records
+    histories = history_digests([step_input_digest(s.step) for s in steps])
+    for request, response, history in zip(steps, responses[1:], histories, strict=True):
+        result = response.result
+        claim = StepClaim(cluster.model_key, sid, request.step.step_id, 0, 6, step_input_digest(request.step),
+                          tensor_digest(result.hidden_states), history)  # fmt: skip
+        assert verify_claim(key, claim, result.signature)
+        assert not verify_claim(key, StepClaim(**{**vars(claim), "history_digest": "0" * 64}), result.signature)
 
 
 def test_positions_past_max_length_are_out_of_range(

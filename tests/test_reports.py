@@ -26,7 +26,7 @@ from hivegen.coordinator.reports import (
     sign_report,
 )
 from hivegen.coordinator.server import Coordinator, CoordinatorConfig
-from hivegen.credits.attestation import StepClaim, sign_claim, step_input_digest, tensor_digest
+from hivegen.credits.attestation import StepClaim, chain_digest, sign_claim, step_input_digest, tensor_digest
 from hivegen.credits.identity import Identity
 from hivegen.proto import node_pb2, reports_pb2, reports_pb2_grpc
 from hivegen.proto.options import grpc_options
@@ -48,7 +48,7 @@ def make_evidence(
     """Steps 0 (a 3-token prefill) and 1 of a session, each signed by `signer` (default: the node). The node's answer
     to step 1 is `answer(expected)`, by default `lie` x noise away from what the witnesses computed."""
     g = torch.Generator().manual_seed(seed)
-    steps, position = [], 0
+    steps, position, history = [], 0, ""
     for step, mask in enumerate([(1, 1, 1), last_mask]):
         new = len(mask)
         inputs = node_pb2.Step(
@@ -62,7 +62,8 @@ def make_evidence(
         if step == 1:
             answered = answer(expected) if answer else expected + lie * noise
         output = serialize(answered)
-        claim = StepClaim(MODEL, "session-1", step, 0, 4, step_input_digest(inputs), tensor_digest(output))
+        history = chain_digest(history, step_input_digest(inputs))
+        claim = StepClaim(MODEL, "session-1", step, 0, 4, step_input_digest(inputs), tensor_digest(output), history)
         steps.append(
             reports_pb2.SignedStep(
                 step=step,
@@ -129,7 +130,8 @@ def test_check_report_accepts_signed_evidence_and_recomputes_the_error() -> None
     assert (checked.reporter, checked.node_key, checked.model_key) == (reporter.account, node.public_key_hex, MODEL)
     e = reports_pb2.Evidence.FromString(evidence)
     output, expected = deserialize(e.output), deserialize(e.expected)
-    assert checked.error == pytest.approx(float(((output - expected).norm(dim=-1) / expected.norm(dim=-1)).max()))
+    scale = torch.maximum(output.norm(dim=-1), expected.norm(dim=-1))  # symmetric: no side is taken as the truth
+    assert checked.error == pytest.approx(float(((output - expected).norm(dim=-1) / scale).max()))
 
 
 def test_check_report_ignores_padded_positions() -> None:
@@ -151,7 +153,7 @@ def test_check_report_counts_a_non_finite_output_as_infinitely_wrong() -> None:
 def test_check_report_compares_half_precision_answers_in_float32() -> None:
     evidence = make_evidence(Identity.generate(), answer=lambda expected: (expected * 1.5).half())
     checked = check_report(sign_report(Identity.generate(), evidence.SerializeToString()))
-    assert checked.error == pytest.approx(0.5, rel=1e-3)
+    assert checked.error == pytest.approx(0.5 / 1.5, rel=1e-3)  # |1.5e - e| / max(|1.5e|, |e|)
 
 
 def test_honest_report_is_accepted_and_listed(coordinator: Coordinator) -> None:
@@ -236,6 +238,40 @@ def out_of_order(reporter: Identity, node: Identity) -> reports_pb2.Report:
     return sign_report(reporter, evidence.SerializeToString())
 
 
+def spliced(reporter: Identity, node: Identity) -> reports_pb2.Report:
+    """Step 0 of one run of the session and step 1 of another: each signed, but never one history."""
+    first, second = make_evidence(node, seed=0), make_evidence(node, seed=1)
+    del second.steps[0]
+    second.steps.insert(0, first.steps[0])
+    return sign_report(reporter, second.SerializeToString())
+
+
+def too_tight(reporter: Identity, node: Identity) -> reports_pb2.Report:
+    evidence = make_evidence(node, lie=1e-4)
+    evidence.tolerance = 1e-6  # float32 runs differ by up to ~3e-6: such an accusation convicts honest nodes
+    return sign_report(reporter, evidence.SerializeToString())
+
+
+def nan_in_nan_out(reporter: Identity, node: Identity) -> reports_pb2.Report:
+    """A node "caught" answering NaN to inputs that were NaN already: nothing to blame it for."""
+    inputs = node_pb2.Step(
+        hidden_states=serialize(torch.full((1, 2, HIDDEN), float("nan"))),
+        position_ids=serialize(torch.arange(2)[None]),
+        attention_mask=serialize(torch.ones(1, 2, dtype=torch.int64)),
+    )
+    output = serialize(torch.full((1, 2, HIDDEN), float("nan")))
+    digest = step_input_digest(inputs)
+    claim = StepClaim(MODEL, "s", 0, 0, 4, digest, tensor_digest(output), chain_digest("", digest))
+    evidence = reports_pb2.Evidence(
+        model_key=MODEL, node_id=f"12D3KooWPeer@{node.public_key_hex}", node_key=node.public_key_hex,
+        node_address="127.0.0.1:1", session_id="s", start_block=0, end_block=4, output=output, tolerance=TOLERANCE,
+        steps=[reports_pb2.SignedStep(step=0, hidden_states=inputs.hidden_states, position_ids=inputs.position_ids,
+                                      attention_mask=inputs.attention_mask, output_digest=claim.output_digest,
+                                      signature=sign_claim(node, claim))],
+    )  # fmt: skip
+    return sign_report(reporter, evidence.SerializeToString())
+
+
 def signed(evidence: Callable[[Identity], reports_pb2.Evidence]) -> Callable[[Identity, Identity], reports_pb2.Report]:
     return lambda reporter, node: sign_report(reporter, evidence(node).SerializeToString())
 
@@ -264,6 +300,9 @@ REFUSALS: dict[str, tuple[Callable[[Identity, Identity], reports_pb2.Report], gr
     ),
     "bytes that are not evidence": (lambda r, n: sign_report(r, b"\xff\xff\xff"), INVALID, "malformed"),
     "steps out of order": (out_of_order, INVALID, "malformed"),
+    "steps spliced from two runs of a session": (spliced, INVALID, "unsigned-step"),
+    "a tolerance tighter than honest runs get": (too_tight, INVALID, "malformed"),
+    "NaN out of NaN in": (nan_in_nan_out, INVALID, "malformed"),
 }
 
 

@@ -76,7 +76,7 @@ def test_ls_lists_generations_newest_first_then_traces(filled: Any, capsys: pyte
     code, out, _ = run(capsys, "ls", "--store", store.location)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["REF", "CREATED", "MODEL", "PROMPT", "TOKENS", "FINISH", "PARENT", "TEXT"]
+    assert lines[0].split() == ["REF", "CREATED", "MODEL", "PROMPT", "TOKENS", "FINISH", "VERIFIED", "PARENT", "TEXT"]
     assert lines[1].startswith(second.ref[:12]) and first.ref[:12] in lines[1]  # its parent
     assert "2023-11-14T22:15:00Z" in lines[1] and "tiny" in lines[1] and "there was a store\\nof records" in lines[1]
     assert lines[2].startswith(first.ref[:12]) and "Once upon a time" in lines[2]
@@ -107,6 +107,7 @@ def test_ls_json_gives_full_refs_and_fields(filled: Any, capsys: pytest.CaptureF
         "finish_reason": "length",
         "parent": first.ref,
         "preview": "there was a store\\nof records",
+        "verified": "-",  # made without verification
     }
     assert rows[2] == {"kind": "trace", "name": "story", "ref": trace, "short": trace[:12], "calls": 2}
 

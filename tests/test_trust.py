@@ -12,10 +12,16 @@ import pytest
 import torch
 
 from hivegen.client.bans import BanList
-from hivegen.client.evidence import relative_errors
-from hivegen.client.health import COOLDOWN_SECONDS, MIN_STEP_TIMEOUT, TIMEOUT_FACTOR, HealthBook
+from hivegen.client.health import COOLDOWN_SECONDS, MAX_STEP_TIMEOUT, MIN_STEP_TIMEOUT, TIMEOUT_FACTOR, HealthBook
 from hivegen.client.verify import DEFAULT_RATE, Verifier, VerifyPolicy
-from hivegen.credits.attestation import StepClaim, sign_claim, step_input_digest, tensor_digest, verify_claim
+from hivegen.credits.attestation import (
+    StepClaim,
+    relative_errors,
+    sign_claim,
+    step_input_digest,
+    tensor_digest,
+    verify_claim,
+)
 from hivegen.credits.identity import Identity
 from hivegen.proto import node_pb2
 from hivegen.proto.tensors import serialize
@@ -74,7 +80,12 @@ def test_without_spot_checks_unsampled_hops_are_skipped() -> None:
 def test_step_deadlines_follow_measurements_and_never_go_below_the_minimum() -> None:
     book = HealthBook()
     assert book.step_timeout("n", claimed_block_seconds=1e-9, blocks=3, positions=1) == MIN_STEP_TIMEOUT
-    assert book.step_timeout("n", claimed_block_seconds=1.0, blocks=3, positions=1) == TIMEOUT_FACTOR * 3
+    assert book.step_timeout("n", claimed_block_seconds=0.1, blocks=3, positions=1) == pytest.approx(
+        TIMEOUT_FACTOR * 0.3
+    )
+    # a claim of a slow node is believed only so far, and no deadline exceeds the maximum
+    assert book.step_timeout("n", claimed_block_seconds=1e9, blocks=3, positions=1) == TIMEOUT_FACTOR * 3 * 0.5
+    assert book.step_timeout("n", claimed_block_seconds=1e9, blocks=3, positions=10**6) == MAX_STEP_TIMEOUT
     book.observe("n", seconds=0.6, blocks=3, positions=1)  # measured: 0.2 s per block beats the claim
     assert book.step_timeout("n", claimed_block_seconds=1e-9, blocks=3, positions=1) == pytest.approx(6.0)
     book.observe("n", seconds=60.0, blocks=3, positions=500)  # a prefill does not move the decode estimate
@@ -122,7 +133,7 @@ def test_an_unreadable_ban_list_is_ignored_not_fatal(tmp_path: Path) -> None:
 def test_relative_error_ignores_padding_and_counts_nan_as_infinite() -> None:
     expected = torch.ones(2, 3, 4)
     output = expected.clone()
-    output[0, 1] *= 1.5  # 50% off at an unpadded position
+    output[0, 1] *= 2.0  # twice as long at an unpadded position: half its norm away, whichever side is "expected"
     output[1, 0] = float("nan")  # garbage at a padded position: never used
     mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
     errors = relative_errors(output, expected, mask)
@@ -139,15 +150,16 @@ def test_a_step_claim_binds_every_field_and_the_exact_bytes() -> None:
         attention_mask=serialize(torch.ones(1, 2, dtype=torch.int64)),
     )
     output = serialize(torch.randn(1, 2, 4))
-    claim = StepClaim("m", "s", 0, 0, 3, step_input_digest(step), tensor_digest(output))
+    claim = StepClaim("m", "s", 0, 0, 3, step_input_digest(step), tensor_digest(output), "h" * 64)
     signature = sign_claim(node, claim)
     assert verify_claim(node.public_key_hex, claim, signature)
     changed = node_pb2.Tensor()
     changed.CopyFrom(output)
     changed.data = bytes([changed.data[0] ^ 1]) + changed.data[1:]
-    assert not verify_claim(node.public_key_hex, StepClaim("m", "s", 0, 0, 3, claim.input_digest,
-                                                           tensor_digest(changed)), signature)  # fmt: skip
-    for field, value in [("step", 1), ("start", 1), ("end", 4), ("session_id", "t"), ("model_key", "n")]:
+    altered = StepClaim(**{**vars(claim), "output_digest": tensor_digest(changed)})
+    assert not verify_claim(node.public_key_hex, altered, signature)
+    for field, value in [("step", 1), ("start", 1), ("end", 4), ("session_id", "t"), ("model_key", "n"),
+                         ("history_digest", "g" * 64)]:  # fmt: skip
         assert not verify_claim(node.public_key_hex, StepClaim(**{**vars(claim), field: value}), signature)
     assert not verify_claim(Identity.generate().public_key_hex, claim, signature)
     assert not verify_claim(node.public_key_hex, claim, "zz")

@@ -184,11 +184,16 @@ class Client:
             if source.request_ref == request.ref:
                 return replace(source, replayed=True)
             record = Generation(request, reuse.tokens, self._text(reuse.tokens, request), reuse.finish_reason,
-                                parent=source.ref, created_at=time.time())  # fmt: skip
+                                parent=source.ref, created_at=time.time(),
+                                verification=source.verification)  # fmt: skip
             return replace(self.index.commit(record), replayed=True)
         if reuse.mode == "continue" and reuse.source is not None:
-            return self.index.commit(self._run(request, reuse.tokens, reuse.source.ref, streamer, timeout))
-        return self.index.commit(self._run(request, request.prefix_ids, parent, streamer, timeout))
+            generated = self._run(request, reuse.tokens, reuse.source.ref, streamer, timeout)
+            return self.index.commit(_inherit(generated, reuse.source))
+        generated = self._run(request, request.prefix_ids, parent, streamer, timeout)
+        if request.prefix_ids and parent:  # a resample: its first tokens are the parent's
+            generated = _inherit(generated, self.index.load(parent))
+        return self.index.commit(generated)
 
     def _replayable(self, generation: Generation) -> bool:
         """Whether the replay policy lets `generation` answer a request."""
@@ -310,6 +315,13 @@ class Client:
         text = self._decode(tokens)
         cut = self._stop_index(tokens, request) if request.stop else None
         return text if cut is None else text[:cut]
+
+
+def _inherit(generation: Generation, source: Generation) -> Generation:
+    """A generation whose first tokens came from `source` is verified only as far as `source` was."""
+    if source.verified or not generation.verification:
+        return generation
+    return replace(generation, verification={**generation.verification, "verified": False, "prefix_of": source.ref})
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:

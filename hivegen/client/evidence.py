@@ -18,6 +18,8 @@ import torch
 
 from hivegen.client.routing import Hop
 from hivegen.client.span import Attestation, StepInputs
+from hivegen.credits.attestation import relative_errors
+from hivegen.errors import HivegenError
 from hivegen.files import write_bytes_atomic
 from hivegen.model.demo import hivegen_home
 from hivegen.proto import node_pb2, reports_pb2
@@ -25,15 +27,6 @@ from hivegen.proto.tensors import deserialize, serialize
 
 logger = logging.getLogger(__name__)
 EVIDENCE_DIR = "evidence"
-
-
-def relative_errors(output: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per position [batch, positions]: ||output - expected|| / ||expected|| over the hidden size, in float32;
-    0 where `mask` is 0 (padding: nothing there is ever used); inf where either side is not finite."""
-    out, ref = output.float(), expected.float()
-    err = (out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)
-    err = torch.nan_to_num(err, nan=math.inf)
-    return torch.where(mask.to(torch.bool), err, torch.zeros_like(err))
 
 
 def build_evidence(
@@ -97,6 +90,10 @@ def save_evidence(evidence: reports_pb2.Evidence) -> str:
     return digest
 
 
+class EvidenceError(HivegenError):
+    """Evidence cannot be checked as asked (e.g. against another model than the one it is about)."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What re-running the evidence's steps showed."""
@@ -121,13 +118,19 @@ def check_evidence(evidence: reports_pb2.Evidence, model: str | Path, device: st
 
     try:
         check_evidence_signatures(evidence)
-        signed = True
     except ReportRejected as exc:
         logger.warning("evidence does not hold: %s", exc)
-        signed = False
+        return Verdict(False, 0.0, evidence.tolerance, None)
+    checkpoint = ModelCheckpoint.open(model)
+    if checkpoint.model_key != evidence.model_key:
+        raise EvidenceError(
+            f"the evidence is about model {evidence.model_key}, but {model} is {checkpoint.model_key}; "
+            "check it against the checkpoint the node served"
+        )
+    signed = True
     last = evidence.steps[-1]
     dtype = deserialize(last.hidden_states).dtype
-    span = BlockSpan(ModelCheckpoint.open(model), evidence.start_block, evidence.end_block, dtype=dtype, device=device)
+    span = BlockSpan(checkpoint, evidence.start_block, evidence.end_block, dtype=dtype, device=device)
     cache = span.new_cache()
     masks: list[torch.Tensor] = []
     rerun = torch.empty(0)

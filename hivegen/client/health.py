@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 
 MIN_STEP_TIMEOUT = 2.0  # seconds: no step deadline is shorter, however fast a node claims or seems to be
+MAX_STEP_TIMEOUT = 120.0  # seconds: nor longer, however slow it claims to be (a prefill of many thousand tokens)
+MAX_CLAIMED_BLOCK_SECONDS = 0.5  # a claim of a slower block is not believed (a 70B block decodes in ~50 ms on CPU)
 TIMEOUT_FACTOR = 10.0  # a step may take this many times its expected duration before the node is abandoned
 COOLDOWN_SECONDS = 10.0  # a node's first failure keeps it out of routes this long; each further one doubles it
 MAX_COOLDOWN_SECONDS = 600.0
@@ -79,13 +81,16 @@ class HealthBook:
             return None if node is None else NodeHealth(**vars(node))
 
     def step_timeout(self, node_id: str, claimed_block_seconds: float, blocks: int, positions: int) -> float:
-        """The deadline for a step: TIMEOUT_FACTOR times its expected duration, at least MIN_STEP_TIMEOUT.
+        """The deadline for a step: TIMEOUT_FACTOR times its expected duration, within [MIN_STEP_TIMEOUT,
+        MAX_STEP_TIMEOUT].
 
         The expectation comes from this client's own measurements of the node, else from the node's claimed
-        throughput: a node that claims to be fast only earns itself a short deadline.
+        throughput, believed only up to MAX_CLAIMED_BLOCK_SECONDS: a node that claims to be fast only earns
+        itself a short deadline, and one that claims to be slow cannot buy itself a long one.
         """
         with self._lock:
             node = self._nodes.get(node_id)
             per = node.block_seconds if node is not None and node.block_seconds is not None else None
-        per = claimed_block_seconds if per is None else per
-        return max(MIN_STEP_TIMEOUT, TIMEOUT_FACTOR * per * max(1, blocks) * max(1, positions))
+        per = min(claimed_block_seconds, MAX_CLAIMED_BLOCK_SECONDS) if per is None else per
+        expected = TIMEOUT_FACTOR * per * max(1, blocks) * max(1, positions)
+        return min(MAX_STEP_TIMEOUT, max(MIN_STEP_TIMEOUT, expected))

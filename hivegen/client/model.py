@@ -16,7 +16,8 @@ from hivegen.client.routing import Hop, RoutingCosts
 from hivegen.client.sampling import SamplingParams, choose_next
 from hivegen.client.session import FAILOVER_SECONDS, InferenceSession, StepTiming
 from hivegen.client.swarm import SwarmView
-from hivegen.client.verify import Reporter, VerificationReport, Verifier, VerifyPolicy
+from hivegen.client.verification import VerificationReport, VerifyPolicy
+from hivegen.client.verify import Reporter, Verifier
 from hivegen.credits.identity import Identity
 from hivegen.errors import GenerationRetracted, VerificationError
 from hivegen.model.checkpoint import ModelCheckpoint
@@ -309,6 +310,7 @@ class RemoteModelForCausalLM:
             self.last_charges = session.charges
 
     def close(self) -> None:
+        self.verifier.close()  # reports of liars still on their way
         self.swarm.close()
 
     def __enter__(self) -> RemoteModelForCausalLM:

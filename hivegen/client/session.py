@@ -13,37 +13,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
 import torch
 
 from hivegen.client.payer import Payer
 from hivegen.client.routing import Hop
-from hivegen.client.span import (
-    BAD_IDENTITY,
-    BAD_OUTPUT,
-    BAD_PRICE,
-    BAD_SIGNATURE,
-    ProvenFault,
-    SpanSession,
-    StepInputs,
-)
+from hivegen.client.span import ProvenFault, SpanSession, StepInputs
 from hivegen.client.swarm import SwarmView
-from hivegen.errors import NoRouteError, RemoteError, SessionError
+from hivegen.errors import InsufficientCredits, NoRouteError, RemoteError, SessionError
 
 logger = logging.getLogger(__name__)
 
-# Errors after which a node is dropped and its blocks re-routed; others (bad input) are raised.
-RETRIABLE_CODES = frozenset(
-    code.name
-    for code in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,  # node full
-    )
-) | {BAD_PRICE, BAD_OUTPUT, BAD_SIGNATURE, BAD_IDENTITY}
+# Every error a node answers with is that node's fault: it is dropped and its blocks are routed anew. An honest
+# node refuses a well-formed request only when it is full or broken; a stranger may say anything. Only a refusal
+# that every node serving the blocks repeats reaches the caller (in NoRouteError, or as InsufficientCredits).
 FAILOVER_SECONDS = 60.0  # how long one step may keep routing around failed nodes before giving up
 FaultHandler = Callable[["InferenceSession", SpanSession, ProvenFault], None]
 
@@ -90,6 +72,7 @@ class InferenceSession:
         self.attest = attest
         self.failed_nodes: set[str] = set()
         self.failures: list[RemoteError] = []  # why each failed node was dropped
+        self.refused_credits: InsufficientCredits | None = None  # the last node that would not serve us on credit
         self.spans: list[SpanSession] = []
         self.timings: list[StepTiming] = []
         self.unpaid: set[str] = set()  # node ids never to settle with (caught lying)
@@ -131,7 +114,7 @@ class InferenceSession:
                 hidden, node_seconds = self.spans[index].step(inputs)
             except RemoteError as exc:
                 self._blame(self.spans[index], exc)
-                if not self._may_retry(exc):
+                if not self._may_retry():
                     raise
                 self._replace(index, exc)
                 continue
@@ -184,6 +167,8 @@ class InferenceSession:
             try:
                 route = self.swarm.route(start, end, exclude=self.failed_nodes, needed_tokens=needed_tokens, wait=wait)
             except NoRouteError as exc:
+                if self.refused_credits is not None:  # every node left wants credits we do not have
+                    raise self.refused_credits from exc
                 if not self.failures:
                     raise
                 raise NoRouteError(exc.model_key, exc.missing_blocks, [str(f) for f in self.failures]) from exc
@@ -191,11 +176,17 @@ class InferenceSession:
             try:
                 for hop in route:
                     opened.append(self.open_span(hop))
+            except InsufficientCredits as exc:  # the client's balance, not the node's health: no cool-down
+                for span in opened:
+                    span.close()
+                self.refused_credits = exc
+                self.failed_nodes.add(route[len(opened)].node_id)
+                continue
             except RemoteError as exc:
                 for span in opened:
                     span.close()
                 self._blame(route[len(opened)], exc)
-                if not self._may_retry(exc):
+                if not self._may_retry():
                     raise
                 logger.warning("cannot open a session on %s (%s); routing around it", exc.address, exc.code)
                 continue
@@ -209,8 +200,6 @@ class InferenceSession:
     def _blame(self, culprit: Hop | SpanSession, error: RemoteError) -> None:
         """Count a failure against the node that produced it (routes avoid it for a while, here and after); a
         signed, self-evidently wrong answer also goes to `on_fault`."""
-        if error.code not in RETRIABLE_CODES:
-            return
         hop = culprit.hop if isinstance(culprit, SpanSession) else culprit
         self.failed_nodes.add(hop.node_id)
         self.failures.append(error)
@@ -218,8 +207,8 @@ class InferenceSession:
         if isinstance(error, ProvenFault) and isinstance(culprit, SpanSession) and self.on_fault is not None:
             self.on_fault(self, culprit, error)
 
-    def _may_retry(self, error: RemoteError) -> bool:
-        if error.code not in RETRIABLE_CODES or time.monotonic() > self._failover_deadline:
+    def _may_retry(self) -> bool:
+        if time.monotonic() > self._failover_deadline:
             return False
         return self.max_failovers is None or len(self.failed_nodes) <= self.max_failovers
 
@@ -244,7 +233,7 @@ class InferenceSession:
                 for span in replacement:
                     span.close()
                 self.dropped.extend(replacement)
-                if not self._may_retry(exc):
+                if not self._may_retry():
                     raise
                 continue
             self.spans[index : index + 1] = replacement

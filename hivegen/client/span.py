@@ -23,7 +23,8 @@ import torch
 from hivegen.client.payer import Payer
 from hivegen.client.routing import Hop
 from hivegen.client.swarm import SwarmView
-from hivegen.credits.attestation import StepClaim, step_input_digest, tensor_digest, verify_claim
+from hivegen.credits.attestation import StepClaim, chain_digest, step_input_digest, tensor_digest, verify_claim
+from hivegen.credits.identity import PUBLIC_KEY_PATTERN, account_of
 from hivegen.credits.receipts import INSUFFICIENT_CREDITS, WORK_UNITS_PER_CREDIT
 from hivegen.errors import InsufficientCredits, RemoteError
 from hivegen.proto import ledger_pb2, node_pb2
@@ -56,6 +57,7 @@ class Attestation:
 
     input_digest: str
     output_digest: str
+    history_digest: str
     signature: str
 
 
@@ -166,10 +168,12 @@ class SpanSession:
         output = self._check_result(response, step, inputs)
         self.swarm.health.observe(self.hop.node_id, time.perf_counter() - began, self.blocks, positions)
         self.history.append(inputs)
-        self.outputs.append(output)
+        self.outputs.append(output)  # as the node signed it
         if self.payer is not None:
             self.work += inputs.hidden.shape[0] * positions * self._params_per_token
-        return output, response.result.compute_seconds
+        # Padding positions are never used, but NaN there would spread through the next hop's attention
+        # (0 x NaN is NaN): forward zeros instead.
+        return torch.nan_to_num(output, nan=0.0, posinf=0.0, neginf=0.0), response.result.compute_seconds
 
     def settle(self) -> None:
         """Pay for every step so far with one last receipt (on a node that charges); failures are logged."""
@@ -182,6 +186,7 @@ class SpanSession:
                 raise RemoteError(self.hop.address, BAD_OUTPUT, "expected `settled` in answer to `settle`")
         except RemoteError as exc:
             logger.warning("could not settle session %s with %s: %s", self.session_id, self.hop.address, exc)
+            self.swarm.health.failed(self.hop.node_id, f"{exc.code} at settle: {exc.details}")
 
     def close(self) -> None:
         self._closed.set()
@@ -214,6 +219,15 @@ class SpanSession:
                 f"the node answers with key {opened.node_key[:16] or '(none)'}…, but the DHT record for this address "
                 f"is owned by {self.hop.owner[:16]}…",
             )
+        if opened.node_account and (
+            not is_public_key(opened.node_key) or account_of(opened.node_key) != opened.node_account
+        ):
+            raise RemoteError(
+                self.hop.address,
+                BAD_IDENTITY,
+                f"asks to be paid to account {opened.node_account}, which its key {opened.node_key[:16] or '(none)'}… "
+                "does not own",
+            )
         self.node_account = opened.node_account
         if self.node_account and self.payer is not None and opened.params_per_token != self._params_per_token:
             raise RemoteError(
@@ -237,19 +251,22 @@ class SpanSession:
             raise RemoteError(address, BAD_OUTPUT, f"answered {answered} to step {step.step_id}")
         attestation = None
         if self.attest:
+            input_digest = step_input_digest(step)
+            previous = self.attestations[-1].history_digest if self.attestations else ""
             claim = StepClaim(
                 model_key=self.swarm.model_key,
                 session_id=self.session_id,
                 step=step.step_id,
                 start=self.hop.start,
                 end=self.hop.end,
-                input_digest=step_input_digest(step),
+                input_digest=input_digest,
                 output_digest=tensor_digest(result.hidden_states),
+                history_digest=chain_digest(previous, input_digest),
             )
             if not verify_claim(self.hop.owner, claim, result.signature):
                 unsigned = f"step {step.step_id}'s answer is not signed by the node's key"
                 raise RemoteError(address, BAD_SIGNATURE, unsigned)
-            attestation = Attestation(claim.input_digest, claim.output_digest, result.signature)
+            attestation = Attestation(claim.input_digest, claim.output_digest, claim.history_digest, result.signature)
         output, problem = self._decode_output(result.hidden_states, step.step_id, inputs)
         if problem:
             if attestation is not None and output is not None:
@@ -321,6 +338,10 @@ class SpanSession:
                 return
             except queue.Full:
                 continue
+
+
+def is_public_key(text: str) -> bool:
+    return PUBLIC_KEY_PATTERN.fullmatch(text or "") is not None
 
 
 def _raise_insufficient(error: grpc.RpcError, address: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import threading
 import time
 from collections.abc import Collection, Sequence
@@ -11,11 +13,14 @@ import hivemind
 
 from hivegen.client.bans import BanList
 from hivegen.client.health import HealthBook
-from hivegen.client.routing import Hop, RoutingCosts, plan_route
+from hivegen.client.routing import Hop, RoutingCosts, claimed_block_seconds, plan_route
 from hivegen.dht import SpanRecord, fetch_spans, start_dht
 from hivegen.errors import NoRouteError
 from hivegen.proto import node_pb2, node_pb2_grpc
 from hivegen.proto.options import grpc_options
+
+# Witness routes: one more hop always costs more than any node's draw, so a single node is preferred.
+WITNESS_COSTS = RoutingCosts(hop_seconds=1000.0, low_cache_seconds=0.0)
 
 
 class SwarmView:
@@ -95,14 +100,27 @@ class SwarmView:
                     raise
                 time.sleep(0.5)
 
-    def covering(self, start: int, end: int, dtype: str, exclude: Collection[str] = ()) -> list[SpanRecord]:
-        """Nodes that serve every block of [start, end) in `dtype` (re-execution candidates), minus `exclude`
-        and nodes cooling down after a failure."""
-        avoid = set(exclude) | self.health.excluded()
+    def witness_route(
+        self, start: int, end: int, dtype: str, avoid_owners: Collection[str], trusted: Collection[str],
+        rng: random.Random,
+    ) -> list[Hop] | None:  # fmt: skip
+        """A chain of nodes, owned by none of `avoid_owners`, that can re-run blocks [start, end) in `dtype`; None
+        if there is none. Fewest hops first; among those, nodes this client found honest (`trusted`) before
+        others, and otherwise at random: never by what records claim, which a liar would game to be picked."""
+        avoid = self.health.excluded()
+        usable = {
+            node: s for node, s in self.spans().items()
+            if s.dtype == dtype and s.owner not in avoid_owners and node not in avoid
+        }  # fmt: skip
+        draw = {node: (0.0 if node in trusted else 0.5) + 0.5 * rng.random() for node in usable}
+        try:
+            route = plan_route(usable, self.model_key, start, end, costs=WITNESS_COSTS, measured=draw)
+        except NoRouteError:
+            return None
+        measured = self.health.measured()  # deadlines come from what is known of the nodes, not from the draw
         return [
-            s
-            for s in self.spans().values()
-            if s.start <= start and end <= s.end and s.dtype == dtype and s.node_id not in avoid
+            dataclasses.replace(h, block_seconds=measured.get(h.node_id, claimed_block_seconds(usable[h.node_id])))
+            for h in route
         ]
 
     def channel(self, address: str, receive_limit: int | None = None) -> grpc.Channel:

@@ -1,167 +1,67 @@
-"""Verification of node work by re-execution: a hop's inputs, replayed as one prefill on another node that
-serves the same blocks, must reproduce every answer the hop gave, within a tolerance for the dtype.
+"""Verification of node work by re-execution: a hop's inputs, replayed as one prefill through other nodes that
+serve the same blocks, must reproduce every answer the hop gave, within a tolerance for the dtype.
 
-The client keeps each hop's inputs and outputs for the whole generation, so one prefill on a second node checks
-all of a hop's steps at once. If the two disagree, a third node breaks the tie: the node it outvotes is banned
-(for this client's life and in ~/.hivegen), reported to the coordinator with its own signed answers as
-evidence, and left unpaid; if the liar's answers were used, the tokens they shaped are retracted and generated
-again without it. With no third node, or three that disagree, nothing can be settled: VerificationError.
+The client keeps each hop's inputs and outputs for the whole generation, so one prefill elsewhere checks all of
+a hop's steps at once. The witness is one node when one serves the hop's blocks, else a chain of them, owned by
+other keys than the hop's node and chosen at random (nodes this client already found honest first), never by
+what records claim. If witness and hop disagree, a judge (owned by yet other keys) breaks the tie: the node it
+outvotes is banned (for this client's life and in ~/.hivegen), reported to the coordinator with its own signed
+answers as evidence, and left unpaid; if the liar's answers were used, the tokens they shaped are retracted and
+generated again without it. With no judge, or no majority, nothing can be settled: VerificationError.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from hivegen.client.evidence import build_evidence, relative_errors, save_evidence
-from hivegen.client.routing import Hop, claimed_block_seconds
+from hivegen.client.evidence import build_evidence, save_evidence
+from hivegen.client.routing import Hop
 from hivegen.client.session import InferenceSession
 from hivegen.client.span import ProvenFault, SpanSession, StepInputs
-from hivegen.dht import SpanRecord
+from hivegen.client.verification import (
+    DEFAULT_RATE,
+    PROBATION,
+    TOLERANCES,
+    HopCheck,
+    VerificationReport,
+    VerifyPolicy,
+)
+from hivegen.credits.attestation import relative_errors
 from hivegen.errors import RemoteError, VerificationError
 from hivegen.proto import reports_pb2
 from hivegen.proto.tensors import serialize
 
+__all__ = ["DEFAULT_RATE", "PROBATION", "TOLERANCES", "Verifier", "VerifyPolicy"]
+
 logger = logging.getLogger(__name__)
 
-# Largest relative L2 error per position between two honest runs of the same blocks on the same inputs
-# (prefill vs step-by-step decode, other kernels, other devices), per dtype; see benchmarks/verification.py.
-TOLERANCES: dict[str, float] = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 8e-2}
-DEFAULT_RATE = 0.25  # share of hops re-executed in full; the others get a spot check of a random prefix
-PROBATION = 1  # generations through a node this client has never verified that are checked in full
-MAX_CANDIDATES = 4  # re-execution nodes tried per hop before giving up on one that fails to answer
+MAX_WITNESS_TRIES = 4  # witness routes tried per role before giving up on ones that fail to answer
 CHUNK_BYTES = 32 << 20  # re-execution sends at most this much hidden state per message
-
-
-@dataclass(frozen=True)
-class VerifyPolicy:
-    """How much node work a client re-executes, per hop of each generation.
-
-    A share `rate` of hops is re-executed in full (0: none, 1: every hop of every generation); with `spot`, each
-    other hop is spot-checked: its steps 0..s are re-executed for a random s, which costs one prefill of those
-    positions and catches any node that lies from its first step on. A node that has passed fewer than
-    `probation` checks with this client is re-executed in full.
-    """
-
-    rate: float = DEFAULT_RATE
-    spot: bool = True
-    probation: int = PROBATION
-    tolerances: Mapping[str, float] = field(default_factory=lambda: dict(TOLERANCES))
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.rate <= 1.0:
-            raise ValueError(f"verify rate must be in [0, 1], got {self.rate}")
-        if self.probation < 0:
-            raise ValueError(f"probation must be >= 0, got {self.probation}")
-
-    @property
-    def mode(self) -> str:
-        if self.rate >= 1.0:
-            return "all"
-        return "off" if self.rate == 0.0 and not self.spot and self.probation == 0 else "sample"
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "off"
-
-    def tolerance(self, dtype: str) -> float:
-        return self.tolerances.get(dtype, max(self.tolerances.values()))
-
-    @classmethod
-    def parse(cls, value: VerifyPolicy | str | float | bool | None) -> VerifyPolicy:
-        """None or "default": the default; "off"/False/0: nothing; "all"/True/1: every hop in full; a rate in
-        (0, 1): that share of hops in full and spot checks of the others."""
-        if isinstance(value, VerifyPolicy):
-            return value
-        if value is None or value == "default":
-            return cls()
-        if value is False or value == "off":
-            return cls.off()
-        if value is True or value == "all":
-            return cls(rate=1.0)
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"verify must be 'off', 'default', 'all' or a rate in [0, 1], not {value!r}") from None
-        rate = float(value)
-        return cls.off() if rate == 0.0 else cls(rate=rate)
-
-    @classmethod
-    def off(cls) -> VerifyPolicy:
-        return cls(rate=0.0, spot=False, probation=0)
-
-
-@dataclass
-class HopCheck:
-    """The verification of one hop session: who served it, who re-ran it, and what came out."""
-
-    node_id: str
-    address: str
-    start: int
-    end: int
-    steps: int
-    positions: int
-    # "match" (every step re-executed and matched), "partial" (a prefix of the steps matched), "lied",
-    # "unverifiable" (no other node serves these blocks) or "skipped" (not sampled)
-    result: str
-    checked_steps: int = 0
-    verified_by: list[str] = field(default_factory=list)
-    max_error: float | None = None
-    tolerance: float | None = None
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "node": self.node_id,
-            "address": self.address,
-            "blocks": [self.start, self.end],
-            "steps": self.steps,
-            "positions": self.positions,
-            "result": self.result,
-            "checked_steps": self.checked_steps,
-            "verified_by": list(self.verified_by),
-            "max_error": self.max_error,
-            "tolerance": self.tolerance,
-        }
-
-
-@dataclass
-class VerificationReport:
-    """What verification found in one generation."""
-
-    mode: str
-    hops: list[HopCheck] = field(default_factory=list)
-    liars: list[str] = field(default_factory=list)  # node ids proven wrong (banned)
-    evidence: list[str] = field(default_factory=list)  # evidence digests, one per liar
-    first_bad_step: int | None = None  # the first step whose tokens a liar's answer shaped
-
-    @property
-    def verified(self) -> bool:
-        """Every hop was re-executed: each matched, or lied and the tokens its lies shaped were generated again
-        (its answers before the first lie matched), so every token that stands rests on checked work."""
-        return bool(self.hops) and all(h.result in ("match", "lied") for h in self.hops)
-
-    def merge(self, other: VerificationReport) -> None:
-        self.hops += other.hops
-        self.liars += other.liars
-        self.evidence += other.evidence
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "verified": self.verified,
-            "hops": [h.to_record() for h in self.hops],
-            "liars": list(self.liars),
-            "evidence": list(self.evidence),
-        }
-
+REPORT_TIMEOUT = 10.0  # seconds `close` waits for reports still being sent
 
 Reporter = Callable[[reports_pb2.Evidence], None]
+
+
+@dataclass
+class Witness:
+    """A re-execution of a hop's inputs: the sessions on the nodes that ran it, and what came out."""
+
+    runners: list[SpanSession]
+    output: torch.Tensor
+
+    @property
+    def node_ids(self) -> list[str]:
+        return [r.hop.node_id for r in self.runners]
+
+    @property
+    def owners(self) -> set[str]:
+        return {r.hop.owner for r in self.runners}
 
 
 class Verifier:
@@ -172,6 +72,7 @@ class Verifier:
         self.report = report  # sends evidence to the coordinator (set when the client knows one)
         self.rng = rng or random.Random()
         self._passed: dict[str, int] = {}  # node id -> checks passed with this client
+        self._reports: list[threading.Thread] = []
 
     def verify(self, session: InferenceSession) -> VerificationReport:
         """Check the hops of `session` (before it settles); liars are banned and left unpaid."""
@@ -188,6 +89,12 @@ class Verifier:
             report.hops.append(self._check(session, span, steps, report))
         return report
 
+    def close(self) -> None:
+        """Wait (boundedly) for reports still on their way to the coordinator."""
+        for thread in self._reports:
+            thread.join(REPORT_TIMEOUT)
+        self._reports.clear()
+
     def _steps_to_check(self, span: SpanSession) -> int:
         """How many of the hop's steps (from the first) to re-execute: all, a random prefix, or none."""
         steps = len(span.outputs)
@@ -198,87 +105,111 @@ class Verifier:
         return self.rng.randint(1, steps) if self.policy.spot else 0
 
     def _check(self, session: InferenceSession, span: SpanSession, steps: int, report: VerificationReport) -> HopCheck:
-        """Re-execute the hop's first `steps` steps elsewhere; a third node settles a disagreement."""
+        """Re-execute the hop's first `steps` steps elsewhere; a judge settles a disagreement."""
         tolerance = self.policy.tolerance(span.hop.dtype)
         check = _hop_check(span, "unverifiable")
         check.tolerance = tolerance
         inputs = _concat_inputs(span, steps)
         original = torch.cat(span.outputs[:steps], dim=1)
-        tried = {span.hop.node_id}
-        first = self._rerun(session, span.hop, inputs, tried)
-        if first is None:
-            logger.info("no other node serves blocks %d:%d in %s: hop unverified", span.hop.start, span.hop.end,
-                        span.hop.dtype)  # fmt: skip
-            return check
-        witness, witness_out = first
-        error = relative_errors(original, witness_out, inputs.attention_mask)
-        check.max_error = float(error.max())
-        check.verified_by = [witness.hop.node_id]
-        check.checked_steps = steps
-        if check.max_error <= tolerance:
-            check.result = "match" if steps == len(span.outputs) else "partial"
-            self._passed[span.hop.node_id] = self._passed.get(span.hop.node_id, 0) + 1
-            return check
-        third = self._rerun(session, span.hop, inputs, tried)
-        if third is None:
-            raise VerificationError(
-                f"nodes {span.hop.node_id} ({span.hop.address}) and {witness.hop.node_id} ({witness.hop.address}) "
-                f"disagree on blocks {span.hop.start}:{span.hop.end} (error {check.max_error:.3g} > tolerance "
-                f"{tolerance:.3g}) and no third node serves those blocks to break the tie; nothing was committed",
-                [span.hop.node_id, witness.hop.node_id],
-            )
-        judge, judge_out = third
-        check.verified_by.append(judge.hop.node_id)
-        agrees_with_witness = float(relative_errors(judge_out, witness_out, inputs.attention_mask).max()) <= tolerance
-        agrees_with_original = float(relative_errors(judge_out, original, inputs.attention_mask).max()) <= tolerance
-        if agrees_with_witness and not agrees_with_original:
-            check.result = "lied"
+        witnesses: list[Witness] = []
+        try:
+            witness = self._rerun(session, span.hop, inputs, {span.hop.owner})
+            if witness is None:
+                logger.info("nobody else serves blocks %d:%d in %s: hop unverified", span.hop.start, span.hop.end,
+                            span.hop.dtype)  # fmt: skip
+                return check
+            witnesses.append(witness)
+            error = relative_errors(original, witness.output, inputs.attention_mask)
+            check.max_error, check.verified_by, check.checked_steps = float(error.max()), witness.node_ids, steps
+            if check.max_error <= tolerance:
+                return self._passes(check, span, steps)
+            judge = self._rerun(session, span.hop, inputs, {span.hop.owner} | witness.owners)
+            if judge is None:
+                raise VerificationError(
+                    f"node {span.hop.node_id} ({span.hop.address}) and {', '.join(witness.node_ids)} disagree on "
+                    f"blocks {span.hop.start}:{span.hop.end} (error {check.max_error:.3g} > tolerance "
+                    f"{tolerance:.3g}) and no node of other owners can break the tie; nothing was committed",
+                    [span.hop.node_id, *witness.node_ids],
+                )
+            witnesses.append(judge)
+            check.verified_by = [*witness.node_ids, *judge.node_ids]
+            return self._judge(session, span, steps, check, original, witness, judge, error, report)
+        finally:
+            for w in witnesses:  # paid only now, and only if not convicted
+                for runner in w.runners:
+                    if runner.hop.node_id not in session.unpaid:
+                        runner.settle()
+                    runner.close()
+
+    def _judge(
+        self,
+        session: InferenceSession,
+        span: SpanSession,
+        steps: int,
+        check: HopCheck,
+        original: torch.Tensor,
+        witness: Witness,
+        judge: Witness,
+        error: torch.Tensor,
+        report: VerificationReport,
+    ) -> HopCheck:
+        """Hop and witness disagree: side with the one the judge agrees with, by a clear margin."""
+        tolerance = check.tolerance or 0.0
+        mask = _concat_inputs(span, steps).attention_mask
+        to_hop = float(relative_errors(judge.output, original, mask).max())
+        to_witness = float(relative_errors(judge.output, witness.output, mask).max())
+        hop_lied = to_witness <= tolerance < to_hop or _clearly_farther(to_hop, to_witness, tolerance)
+        witness_lied = to_hop <= tolerance < to_witness or _clearly_farther(to_witness, to_hop, tolerance)
+        if hop_lied:
             bad = _first_bad_step(span, error, tolerance)
-            report.first_bad_step = bad if report.first_bad_step is None else min(report.first_bad_step, bad)
-            self._convict(session, span, witness_out, error, [witness.hop.node_id, judge.hop.node_id], tolerance,
-                          report)  # fmt: skip
-            return check
-        if agrees_with_original and not agrees_with_witness:  # the first re-execution lied, not the hop
-            werror = relative_errors(witness_out, original, inputs.attention_mask)
-            self._convict(session, witness, original, werror, [span.hop.node_id, judge.hop.node_id], tolerance,
-                          report)  # fmt: skip
-            check.verified_by = [judge.hop.node_id]
-            check.max_error = float(relative_errors(original, judge_out, inputs.attention_mask).max())
-            check.result = "match" if steps == len(span.outputs) else "partial"
-            self._passed[span.hop.node_id] = self._passed.get(span.hop.node_id, 0) + 1
-            return check
-        nodes = [span.hop.node_id, witness.hop.node_id, judge.hop.node_id]
+            if bad is not None:
+                check.result = "lied"
+                report.first_bad_step = bad if report.first_bad_step is None else min(report.first_bad_step, bad)
+                self._convict(session, span, witness.output, error, [*witness.node_ids, *judge.node_ids], report)
+                return check
+        if witness_lied:
+            if len(witness.runners) == 1:  # a chain's lie cannot be pinned on one of its nodes
+                werror = relative_errors(witness.output, original, mask)
+                self._convict(session, witness.runners[0], original, werror, [span.hop.node_id, *judge.node_ids],
+                              report)  # fmt: skip
+            check.verified_by, check.max_error = judge.node_ids, to_hop
+            return self._passes(check, span, steps)
+        nodes = [span.hop.node_id, *witness.node_ids, *judge.node_ids]
+        for node in nodes:  # nobody can be blamed; leave them all alone for a while
+            session.swarm.health.failed(node, "disagreed in a verification with no majority")
         raise VerificationError(
-            f"three nodes disagree on blocks {span.hop.start}:{span.hop.end}: {', '.join(nodes)}; "
-            "nothing was committed",
+            f"no majority on blocks {span.hop.start}:{span.hop.end} among {', '.join(nodes)}; nothing was committed",
             nodes,
         )
 
-    def _rerun(
-        self, session: InferenceSession, hop: Hop, inputs: StepInputs, tried: set[str]
-    ) -> tuple[SpanSession, torch.Tensor] | None:
-        """Re-run `inputs` through blocks [hop.start, hop.end) on a node not yet tried; None if none answers."""
-        candidates = session.swarm.covering(hop.start, hop.end, hop.dtype, exclude=tried | session.failed_nodes)
-        self.rng.shuffle(candidates)
-        for record in candidates[:MAX_CANDIDATES]:
-            tried.add(record.node_id)
-            runner_hop = _hop_on(record, hop)
+    def _passes(self, check: HopCheck, span: SpanSession, steps: int) -> HopCheck:
+        check.result = "match" if steps == len(span.outputs) else "partial"
+        self._passed[span.hop.node_id] = self._passed.get(span.hop.node_id, 0) + 1
+        return check
+
+    def _rerun(self, session: InferenceSession, hop: Hop, inputs: StepInputs, avoid_owners: set[str]) -> Witness | None:
+        """Re-run `inputs` through blocks [hop.start, hop.end) on nodes of none of `avoid_owners`; None if none
+        can. Nodes that fail to answer are cooled down (so the next route avoids them) and others tried."""
+        trusted = {node for node, passed in self._passed.items() if passed}
+        positions = int(inputs.hidden.shape[1])
+        for _ in range(MAX_WITNESS_TRIES):
+            route = session.swarm.witness_route(hop.start, hop.end, hop.dtype, avoid_owners, trusted, self.rng)
+            if route is None:
+                return None
+            runners: list[SpanSession] = []
             try:
-                runner = session.open_span(runner_hop, max_length=int(inputs.hidden.shape[1]))
+                for link in route:
+                    runners.append(session.open_span(link, max_length=positions))
+                session.checks.extend(runners)
+                output = _run_chain(runners, inputs)
             except RemoteError as exc:
-                session.swarm.health.failed(record.node_id, f"{exc.code}: {exc.details}")
+                logger.warning("re-execution on %s failed: %s", exc.address, exc)
+                failed = next((link for link in route if link.address == exc.address), route[len(runners) - 1])
+                session.swarm.health.failed(failed.node_id, f"{exc.code} in a re-execution: {exc.details}")
+                for runner in runners:
+                    runner.close()
                 continue
-            session.checks.append(runner)
-            try:
-                outputs = [runner.step(chunk)[0] for chunk in _chunks(inputs, runner)]
-                runner.settle()
-            except RemoteError as exc:
-                logger.warning("re-execution on %s failed: %s", record.address, exc)
-                session.swarm.health.failed(record.node_id, f"{exc.code}: {exc.details}")
-                continue
-            finally:
-                runner.close()
-            return runner, torch.cat(outputs, dim=1)
+            return Witness(runners, output)
         return None
 
     def _convict(
@@ -288,12 +219,14 @@ class Verifier:
         expected: torch.Tensor,
         error: torch.Tensor,
         witnesses: list[str],
-        tolerance: float,
         report: VerificationReport,
     ) -> None:
         """Ban `liar` for answers that other nodes' re-execution contradicts (`error`: per position, over the
         steps re-executed); keep and report the evidence."""
+        tolerance = self.policy.tolerance(liar.hop.dtype)
         step = _first_bad_step(liar, error, tolerance)
+        if step is None:
+            return
         offset = sum(int(h.hidden.shape[1]) for h in liar.history[:step])
         width = int(liar.history[step].hidden.shape[1])
         evidence = build_evidence(
@@ -321,7 +254,7 @@ class Verifier:
         self._punish(session, span.hop, evidence, fault.details)
 
     def _punish(self, session: InferenceSession, hop: Hop, evidence: reports_pb2.Evidence, reason: str) -> str:
-        """Ban the node, stop paying it, keep the evidence and report it; return the evidence digest."""
+        """Ban the node, stop paying it, keep the evidence and report it (in the background); return its digest."""
         digest = save_evidence(evidence)
         session.unpaid.add(hop.node_id)
         session.swarm.bans.ban(hop.owner, hop.node_id, hop.address, reason, digest)
@@ -330,11 +263,34 @@ class Verifier:
             hop.node_id, hop.address, hop.start, hop.end, reason, digest,
         )  # fmt: skip
         if self.report is not None:
-            try:
-                self.report(evidence)
-            except Exception as exc:  # reporting is best effort: the ban and the local evidence stand
-                logger.warning("could not report node %s to the coordinator: %s", hop.node_id, exc)
+            thread = threading.Thread(target=self._send, args=(evidence, hop.node_id), daemon=True)
+            thread.start()
+            self._reports.append(thread)
         return digest
+
+    def _send(self, evidence: reports_pb2.Evidence, node_id: str) -> None:
+        assert self.report is not None
+        try:
+            self.report(evidence)
+        except Exception as exc:  # reporting is best effort: the ban and the local evidence stand
+            logger.warning("could not report node %s to the coordinator: %s", node_id, exc)
+
+
+def _clearly_farther(far: float, near: float, tolerance: float) -> bool:
+    """With a judge between two answers that disagree, the one at least twice as far from it (and more than half
+    the tolerance away) is the outlier; closer calls are left undecided."""
+    return far > tolerance / 2 and far >= 2 * near
+
+
+def _run_chain(runners: list[SpanSession], inputs: StepInputs) -> torch.Tensor:
+    """Feed `inputs` through the chain of sessions, in messages of at most CHUNK_BYTES; the last one's output."""
+    outputs = []
+    for chunk in _chunks(inputs, runners[0]):
+        hidden = chunk.hidden
+        for runner in runners:
+            hidden, _ = runner.step(StepInputs(hidden, chunk.position_ids, chunk.attention_mask))
+        outputs.append(hidden)
+    return torch.cat(outputs, dim=1)
 
 
 def _hop_check(span: SpanSession, result: str) -> HopCheck:
@@ -347,10 +303,6 @@ def _hop_check(span: SpanSession, result: str) -> HopCheck:
         positions=sum(int(o.shape[1]) for o in span.outputs),
         result=result,
     )
-
-
-def _hop_on(record: SpanRecord, hop: Hop) -> Hop:
-    return Hop(record.node_id, record.address, hop.start, hop.end, record.dtype, claimed_block_seconds(record))
 
 
 def _concat_inputs(span: SpanSession, count: int) -> StepInputs:
@@ -372,7 +324,7 @@ def _chunks(inputs: StepInputs, runner: SpanSession) -> list[StepInputs]:
     return [StepInputs(inputs.hidden[:, c], inputs.position_ids[:, c], inputs.attention_mask[:, c]) for c in cut]
 
 
-def _first_bad_step(span: SpanSession, error: torch.Tensor, tolerance: float) -> int:
+def _first_bad_step(span: SpanSession, error: torch.Tensor, tolerance: float) -> int | None:
     """The first step of `span` with a position whose error (over the steps re-executed) exceeds `tolerance`."""
     offset = 0
     for index, inputs in enumerate(span.history[: len(span.outputs)]):
@@ -382,4 +334,4 @@ def _first_bad_step(span: SpanSession, error: torch.Tensor, tolerance: float) ->
         if bool((error[:, offset : offset + width] > tolerance).any()):
             return index
         offset += width
-    raise AssertionError("no position exceeds the tolerance")
+    return None

@@ -31,7 +31,15 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from hivegen.credits.attestation import StepClaim, step_input_digest, tensor_digest, verify_claim
+from hivegen.credits.attestation import (
+    StepClaim,
+    chain_digest,
+    relative_errors,
+    step_input_digest,
+    tensor_digest,
+    tolerance_for,
+    verify_claim,
+)
 from hivegen.credits.identity import PUBLIC_KEY_PATTERN, Identity, account_of, verify_signature
 from hivegen.errors import HivegenError
 from hivegen.proto import node_pb2, reports_pb2, reports_pb2_grpc
@@ -51,7 +59,6 @@ MAX_REPORTS = 100_000
 DEFAULT_EVIDENCE_BUDGET = 1024**3
 REPORTS_FILE = "reports.sqlite"
 EVIDENCE_DIR = "evidence"
-MIN_NORM = 1e-6  # floor of ||expected_p|| in the relative error, so zero rows do not divide by zero
 
 
 class ReportRejected(HivegenError):
@@ -179,18 +186,22 @@ def _check_steps(e: reports_pb2.Evidence) -> None:
         raise ReportRejected("malformed", f"evidence must hold 1 to {MAX_STEPS} steps, not {len(e.steps)}")
     if any(s.step != i for i, s in enumerate(e.steps)):
         raise ReportRejected("malformed", "steps must be 0, 1, ..., k in order, from the start of the session")
+    history = ""
     for s in e.steps:
         inputs = node_pb2.Step(
             hidden_states=s.hidden_states, position_ids=s.position_ids, attention_mask=s.attention_mask
         )
+        input_digest = step_input_digest(inputs)
+        history = chain_digest(history, input_digest)  # binds step k to exactly these inputs 0..k
         claim = StepClaim(
             model_key=e.model_key,
             session_id=e.session_id,
             step=s.step,
             start=e.start_block,
             end=e.end_block,
-            input_digest=step_input_digest(inputs),
+            input_digest=input_digest,
             output_digest=s.output_digest,
+            history_digest=history,
         )
         if not verify_claim(e.node_key, claim, s.signature):
             raise ReportRejected(
@@ -201,8 +212,9 @@ def _check_steps(e: reports_pb2.Evidence) -> None:
 
 
 def measure_error(e: reports_pb2.Evidence) -> float:
-    """The largest relative L2 error ||output_p - expected_p|| / max(||expected_p||, 1e-6) over the last step's
-    positions whose attention_mask is 1, in float32; ReportRejected("no-error") unless it exceeds the tolerance.
+    """The largest relative L2 error ||output_p - expected_p|| / max(||output_p||, ||expected_p||) over the last
+    step's positions whose attention_mask is 1, in float32 (hivegen.credits.attestation.relative_errors);
+    ReportRejected("no-error") unless it exceeds the tolerance, which may be no tighter than honest runs need.
 
     Evidence without `expected` accuses a self-evidently wrong answer: blocks map hidden states of shape
     [batch, new, hidden] to the same shape, with finite values, so an output of another shape, dtype, or with
@@ -223,11 +235,15 @@ def measure_error(e: reports_pb2.Evidence) -> float:
             f"output {list(output.shape)} and expected {list(expected.shape)} must be [batch, new, hidden] "
             f"with the last step's attention_mask {list(mask.shape)} as [batch, new]",
         )
-    expected32 = expected.float()
-    if not torch.isfinite(expected32).all():
+    if not torch.isfinite(expected.float()).all():
         raise ReportRejected("malformed", "expected holds non-finite values; witnesses never agree on those")
-    diff = torch.linalg.vector_norm(output.float() - expected32, dim=-1)
-    relative = torch.nan_to_num(diff / torch.linalg.vector_norm(expected32, dim=-1).clamp_min(MIN_NORM), nan=math.inf)
+    floor = tolerance_for(e.output.dtype)
+    if e.tolerance < floor:
+        raise ReportRejected(
+            "malformed",
+            f"tolerance {e.tolerance:.3g} is tighter than {floor:.3g}, all honest {e.output.dtype} runs get",
+        )
+    relative = relative_errors(output, expected, torch.ones_like(mask))
     compared = relative[mask == 1]
     if compared.numel() == 0:
         raise ReportRejected("no-error", "the last step has no unpadded position to compare")
@@ -238,6 +254,13 @@ def measure_error(e: reports_pb2.Evidence) -> float:
 
 
 def _self_evident_error(e: reports_pb2.Evidence) -> float:
+    for step in e.steps:  # a node is only to blame for a bad output if every input it signed for was sound
+        try:
+            sound = bool(torch.isfinite(deserialize(step.hidden_states).float()).all())
+        except TensorDecodeError as exc:
+            raise ReportRejected("malformed", f"step {step.step}'s inputs do not decode: {exc}") from exc
+        if not sound:
+            raise ReportRejected("malformed", f"step {step.step}'s inputs hold NaN or infinities: nothing to blame")
     inputs = e.steps[-1].hidden_states
     if (e.output.dtype, list(e.output.shape)) != (inputs.dtype, list(inputs.shape)):
         return math.inf  # the signed answer cannot be the blocks' output for these inputs

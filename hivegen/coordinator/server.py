@@ -14,7 +14,7 @@ import grpc
 import hivemind
 
 from hivegen.coordinator.ledger_service import LedgerServicer
-from hivegen.coordinator.reports import DEFAULT_EVIDENCE_BUDGET, ReportsServicer, ReportStore
+from hivegen.coordinator.reports import DEFAULT_EVIDENCE_BUDGET, MAX_EVIDENCE_BYTES, ReportsServicer, ReportStore
 from hivegen.coordinator.status import StatusServer, leaderboard, swarm_status
 from hivegen.credits.ledger import Ledger
 from hivegen.dht import start_dht, visible_maddrs
@@ -24,6 +24,7 @@ from hivegen.proto.options import grpc_options
 
 logger = logging.getLogger(__name__)
 LEDGER_FILE = "ledger.sqlite"
+MESSAGE_OVERHEAD_BYTES = 1 << 20  # a report's fields beside its evidence
 
 
 @dataclass
@@ -58,7 +59,9 @@ class Coordinator:
         self.dht = start_dht(cfg.initial_peers or None, host=cfg.host, port=cfg.dht_port)
         cfg.data.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(cfg.data / LEDGER_FILE, starter_grant=cfg.starter_grant)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=grpc_options())
+        # Ledger calls are small and reports at most MAX_EVIDENCE_BYTES: a stranger cannot make it read more.
+        options = grpc_options(MAX_EVIDENCE_BYTES + MESSAGE_OVERHEAD_BYTES)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
         self.reports = ReportStore(cfg.data, evidence_budget=cfg.evidence_budget)
         ledger_pb2_grpc.add_LedgerServicer_to_server(LedgerServicer(self.ledger), self.server)
         reports_pb2_grpc.add_ReportsServicer_to_server(ReportsServicer(self.reports), self.server)

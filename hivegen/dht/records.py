@@ -10,6 +10,7 @@ from typing import Any
 from hivegen.dht.signing import split_owned
 
 STATES = ("online", "offline")
+DTYPES = ("float32", "float16", "bfloat16")  # what blocks may run in: hidden states are floating point
 # The peer-id part of a node id: base58 in practice; it only tells one owner's nodes apart (the key is what counts).
 _PEER_PART = re.compile(r"^[A-Za-z0-9]{1,128}$")
 
@@ -44,8 +45,8 @@ class SpanRecord:
             raise ValueError(f"span record has throughput {self.throughput}; it must be a positive number")
         if self.cache_tokens_free < 0:
             raise ValueError(f"span record has negative cache_tokens_free {self.cache_tokens_free}")
-        if not self.dtype:
-            raise ValueError("span record has an empty dtype")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"span record has dtype {self.dtype!r}; blocks run in one of {DTYPES}")
         if self.state not in STATES:
             raise ValueError(f"span record has unknown state {self.state!r}; expected one of {STATES}")
 

@@ -9,7 +9,7 @@ import grpc
 import torch
 
 from hivegen import __version__
-from hivegen.credits.attestation import StepClaim, sign_claim, step_input_digest, tensor_digest
+from hivegen.credits.attestation import StepClaim, chain_digest, sign_claim, step_input_digest, tensor_digest
 from hivegen.credits.identity import Identity
 from hivegen.node.errors import RequestError
 from hivegen.node.sessions import Session, SessionManager
@@ -92,16 +92,20 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def _signed_result(
         self, session: Session, step: node_pb2.Step, hidden: torch.Tensor, seconds: float
     ) -> node_pb2.StepResult:
-        """The step's answer with the node's signature over (session, step, blocks, input and output digests)."""
+        """The step's answer with the node's signature over (session, step, blocks, input, history and output
+        digests)."""
         output = serialize(hidden)
+        input_digest = step_input_digest(step)
+        session.history_digest = chain_digest(session.history_digest, input_digest)
         claim = StepClaim(
             model_key=self.sessions.model_key,
             session_id=session.session_id,
             step=step.step_id,
             start=session.start,
             end=session.end,
-            input_digest=step_input_digest(step),
+            input_digest=input_digest,
             output_digest=tensor_digest(output),
+            history_digest=session.history_digest,
         )
         return node_pb2.StepResult(
             session_id=session.session_id,

@@ -43,6 +43,7 @@ class Session:
     cache: DynamicCache
     mask: torch.Tensor  # [batch, length] padding mask of every position seen so far
     next_step: int = 0
+    history_digest: str = ""  # chained digest of every step's inputs so far (signed in each answer)
     opened_at: float = field(default_factory=time.monotonic)
     paid: PaidSession | None = None  # set when the node charges credits
 
@@ -221,6 +222,12 @@ class SessionManager:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"hidden_states shape {list(hidden.shape)} is wrong: expected [{batch}, new_tokens>=1, "
                 f"{self.span.hidden_size}] (batch_size, new tokens, hidden size)",
+            )
+        if not bool(torch.isfinite(hidden).all()):
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "hidden_states hold NaN or infinite values; a node never computes on them (it could be blamed for "
+                "what they do to its output)",
             )
         new = hidden.shape[1]
         if positions.dtype != torch.int64 or list(positions.shape) != [batch, new]:

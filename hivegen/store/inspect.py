@@ -366,7 +366,9 @@ def verified_label(verification: dict[str, Any]) -> str:
         return "off"
     hops = verification.get("hops", [])
     checked = sum(1 for h in hops if h.get("result") in ("match", "lied"))
-    return "all" if hops and checked == len(hops) else f"{checked}/{len(hops)}"
+    if hops and checked == len(hops) and verification.get("verified", True):
+        return "all"
+    return f"{checked}/{len(hops)}" + ("+unchecked prefix" if verification.get("prefix_of") else "")
 
 
 def _verification_lines(verification: dict[str, Any]) -> list[str]:
