@@ -16,15 +16,8 @@ import pytest
 import torch
 
 from hivegen.coordinator.client import CoordinatorUnreachable, report_node
-from hivegen.coordinator.reports import (
-    MAX_EVIDENCE_BYTES,
-    REPORTS_PER_REPORTER_AND_NODE,
-    CheckedReport,
-    ReportRejected,
-    ReportStore,
-    check_report,
-    sign_report,
-)
+from hivegen.coordinator.report_store import REPORTS_PER_REPORTER_AND_NODE, ReportStore
+from hivegen.coordinator.reports import MAX_EVIDENCE_BYTES, CheckedReport, ReportRejected, check_report, sign_report
 from hivegen.coordinator.server import Coordinator, CoordinatorConfig
 from hivegen.credits.attestation import StepClaim, chain_digest, sign_claim, step_input_digest, tensor_digest
 from hivegen.credits.identity import Identity

@@ -14,7 +14,8 @@ import grpc
 import hivemind
 
 from hivegen.coordinator.ledger_service import LedgerServicer
-from hivegen.coordinator.reports import DEFAULT_EVIDENCE_BUDGET, MAX_EVIDENCE_BYTES, ReportsServicer, ReportStore
+from hivegen.coordinator.report_store import DEFAULT_EVIDENCE_BUDGET, ReportsServicer, ReportStore
+from hivegen.coordinator.reports import MAX_EVIDENCE_BYTES
 from hivegen.coordinator.status import StatusServer, leaderboard, swarm_status
 from hivegen.credits.ledger import Ledger
 from hivegen.dht import start_dht, visible_maddrs

@@ -16,7 +16,7 @@ from hivegen.credits.ledger import Ledger
 from hivegen.dht import fetch_models, fetch_spans, missing_blocks
 
 if TYPE_CHECKING:
-    from hivegen.coordinator.reports import ReportStore
+    from hivegen.coordinator.report_store import ReportStore
 
 logger = logging.getLogger(__name__)
 
