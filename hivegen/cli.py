@@ -143,6 +143,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         " (" + ", ".join(f"{account}: {credits}" for account, credits in charges.items()) + ")" if charges else ""
     )
     verified = verified_label(generation.verification)
+    alone = sum(h.get("result") == "unverifiable" for h in generation.verification.get("hops", []))
+    if alone:
+        verified += f" ({alone} with no other node to re-run them)"
     print(f"[{generation.finish_reason}; {source}; cost {cost}; verified {verified}; ref {generation.ref[:16]}]",
           file=sys.stderr, flush=True)  # fmt: skip
     for liar in generation.verification.get("liars", []):

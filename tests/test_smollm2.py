@@ -64,6 +64,7 @@ def test_cli_generate_streams_the_answer_and_replays_it(smollm2: Path, cluster: 
     first = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert first.returncode == 0, first.stderr
     assert "Paris" in first.stdout and "network steps" in first.stderr
+    assert "verified 0/3 (3 with no other node to re-run them)" in first.stderr  # no replicas in this cluster
     again = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stderr
     assert again.stdout == first.stdout and "replayed from the store" in again.stderr
