@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from hivegen import __version__
+from hivegen.credits.units import format_credits
 from hivegen.errors import HivegenError
 from hivegen.files import write_json_atomic
 from hivegen.process import StopSignals, tie_process_tree
@@ -79,7 +80,8 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 
     cluster = LocalCluster(_model_path(args.model), nodes=args.nodes, host=args.host, dtype=args.dtype,
                            node_threads=args.node_threads, coordinator=True,
-                           starter_grant=args.starter_grant)  # fmt: skip
+                           starter_grant=args.starter_grant,
+                           grant_proof_bits=args.grant_proof_of_work)  # fmt: skip
     print(f"starting a coordinator and {len(cluster.spans)} nodes for {cluster.model_key} ...", flush=True)
     stop = StopSignals()
     try:
@@ -139,8 +141,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         charges = client.remote.last_charges if client.last_cost else {}
     source = "replayed from the store" if generation.replayed else f"{len(generation.step_seconds)} network steps"
-    cost = f"{client.last_cost} credits" + (
-        " (" + ", ".join(f"{account}: {credits}" for account, credits in charges.items()) + ")" if charges else ""
+    cost = f"{format_credits(client.last_cost)} credits" + (
+        " (" + ", ".join(f"{account}: {format_credits(units)}" for account, units in charges.items()) + ")"
+        if charges
+        else ""
     )
     verified = verified_label(generation.verification)
     alone = sum(h.get("result") == "unverifiable" for h in generation.verification.get("hops", []))
@@ -170,7 +174,8 @@ def cmd_evidence_check(args: argparse.Namespace) -> int:
     except Exception as exc:
         raise HivegenError(f"{args.evidence} is not hivegen evidence ({exc})") from exc
     verdict = check_evidence(evidence, _model_path(args.model), device=args.device)
-    print(f"node {evidence.node_id} ({evidence.node_address}), blocks {evidence.start_block}:{evidence.end_block}, "
+    node, address = terminal_safe(evidence.node_id), terminal_safe(evidence.node_address)  # a stranger wrote them
+    print(f"node {node} ({address}), blocks {evidence.start_block}:{evidence.end_block}, "
           f"{len(evidence.steps)} signed steps")  # fmt: skip
     print(f"  signatures: {'valid' if verdict.signed else 'INVALID: this evidence proves nothing'}")
     print(f"  its answer vs re-running the blocks here: error {verdict.error:.3g} (tolerance {verdict.tolerance:.3g})")
@@ -192,6 +197,14 @@ def _store_dir(args: argparse.Namespace) -> Path:
     from hivegen.store import default_store_path
 
     return Path(args.store).expanduser() if args.store else default_store_path()
+
+
+def terminal_safe(text: str, limit: int = 200) -> str:
+    """`text` as a terminal can show it without obeying it: control, format (bidi) and other unprintable characters
+    become escapes like \\x1b, and it is cut to `limit` characters. For strings strangers wrote (swarm records,
+    evidence)."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in cut)
 
 
 def _print_json(value: object) -> None:
@@ -336,7 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     up.add_argument("--node-threads", type=int, default=0, help="torch threads per node (0: cores / nodes)")
-    up.add_argument("--starter-grant", type=int, help="credits each new account gets once (coordinator)")
+    up.add_argument("--starter-grant", type=int, default=10_000, help="credits a new account gets once (default 10000)")
+    up.add_argument(
+        "--grant-proof-of-work",
+        type=int,
+        default=8,
+        metavar="BITS",
+        help="proof of work a grant costs (default 8 bits: instant, for a local demo)",
+    )
     up.add_argument("--ready-file", help="write JSON (initial_peers, nodes) here once every block is announced")
     up.set_defaults(handler=cmd_cluster_up)
 

@@ -83,12 +83,16 @@ class LocalCluster:
         node_args: list[str] | None = None,
         startup_timeout: float = 300.0,
         coordinator: bool = False,
-        starter_grant: int | None = None,
+        starter_grant: int = 10_000,
         coordinator_address: str | None = None,
+        grant_proof_bits: int = 8,
+        initial_peers: list[str] | None = None,
     ) -> None:
         """`coordinator=True` runs a coordinator (DHT bootstrap, ledger, status page) in this process;
         `coordinator_address` instead points the nodes at one running elsewhere. Either way, each node
-        gets its own identity and charges credits."""
+        gets its own identity and charges credits. A local cluster's ledger grants `starter_grant` credits
+        for an easy proof of work (`grant_proof_bits`), so a demo starts in seconds. `initial_peers` joins an
+        existing swarm (a coordinator elsewhere must see the nodes' records to pay them)."""
         if coordinator and coordinator_address:
             raise ValueError("pass coordinator=True (run one here) or coordinator_address (use one), not both")
         self.model = Path(model)
@@ -107,6 +111,8 @@ class LocalCluster:
         # With a coordinator, its DHT peer is the bootstrap and its ledger and status page run here too.
         self.with_coordinator = coordinator
         self.starter_grant = starter_grant
+        self.grant_proof_bits = grant_proof_bits
+        self.join = list(initial_peers or [])
         self.coordinator: Coordinator | None = None
         self.coordinator_address = coordinator_address
         self.nodes: list[ClusterNode] = []
@@ -127,7 +133,7 @@ class LocalCluster:
                 self.coordinator_address = self.coordinator.address
                 self.dht = self.coordinator.dht
             else:
-                self.dht = start_dht(host=self.host)
+                self.dht = start_dht(self.join or None, host=self.host)
             for start, end in self.spans:
                 self.nodes.append(self.spawn_node(start, end))
             self.wait_ready()
@@ -237,10 +243,12 @@ class LocalCluster:
         raise ClusterError(f"cluster not ready after {self.startup_timeout:.0f} s: {what}; see logs in {self.work_dir}")
 
     def _coordinator_config(self) -> CoordinatorConfig:
-        config = CoordinatorConfig(data=self.work_dir / "coordinator", host=self.host)
-        if self.starter_grant is not None:
-            config.starter_grant = self.starter_grant
-        return config
+        return CoordinatorConfig(
+            data=self.work_dir / "coordinator",
+            host=self.host,
+            starter_grant=self.starter_grant,
+            grant_proof_bits=self.grant_proof_bits,
+        )
 
     def info(self) -> dict[str, Any]:
         """The ready-file contents: how to join, each node's pid, blocks and address, and the coordinator."""

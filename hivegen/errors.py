@@ -81,13 +81,34 @@ class InsufficientCredits(CreditsError):
     """A client's balance does not cover the cost of the work it asked for."""
 
     def __init__(self, account: str, balance: int, needed: int, what: str = "this step costs") -> None:
+        from hivegen.credits.units import format_credits
+
         self.account = account
-        self.balance = balance
-        self.needed = needed
+        self.balance = balance  # work units
+        self.needed = needed  # work units
         super().__init__(
-            f"account {account} has {balance} credits but {what} {needed}; "
+            f"account {account} has {format_credits(balance)} credits but {what} {format_credits(needed)}; "
             "earn credits by serving blocks with `hivegen node serve`"
         )
+
+
+class GrantProofNeeded(InsufficientCredits):
+    """A new account has nothing until it claims the starter grant, which asks for a proof of work first."""
+
+    def __init__(self, account: str, grant_units: int, bits: int, salt: str, wrong_proof: bool = False) -> None:
+        from hivegen.credits.units import format_credits
+
+        self.grant_units = grant_units
+        self.bits = bits
+        self.salt = salt
+        CreditsError.__init__(
+            self,
+            f"account {account} is new to the ledger, which grants {format_credits(grant_units)} credits once for a "
+            f"{bits}-bit proof of work"
+            + (" (the proof sent is wrong)" if wrong_proof else "")
+            + "; hivegen's client solves it for you, or run `hivegen credits open`",
+        )
+        self.account, self.balance, self.needed = account, 0, 0
 
 
 class ForgedReceiptError(CreditsError):

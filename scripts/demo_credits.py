@@ -14,6 +14,7 @@ import grpc
 
 from hivegen.coordinator.client import LedgerClient
 from hivegen.credits.identity import Identity
+from hivegen.credits.units import format_credits
 from hivegen.proto import node_pb2, node_pb2_grpc
 
 
@@ -26,10 +27,9 @@ def pending_receipts(addresses: list[str]) -> int:
     return total
 
 
-def moved(ledger: LedgerClient, account: str) -> tuple[int, int]:
-    """(credits paid out, credits received) by `account` in transfers, from the ledger's journal."""
-    entries = [e for e in ledger.history(account, limit=1000) if e.kind == "transfer"]
-    return sum(e.amount for e in entries if e.src == account), sum(e.amount for e in entries if e.dst == account)
+def spent(ledger: LedgerClient, me: Identity) -> int:
+    """Work units `me` paid out, from its own journal entries (only its key may read them)."""
+    return sum(e.units for e in ledger.history(me, limit=1000) if e.kind == "transfer" and e.src == me.account)
 
 
 def main(ready_file: str) -> int:
@@ -42,12 +42,13 @@ def main(ready_file: str) -> int:
         print(f"warning: {pending} receipts are still waiting for the ledger", file=sys.stderr)
     me = Identity.load_or_create()
     with LedgerClient(cluster["coordinator"]) as ledger:
-        spent, _ = moved(ledger, me.account)
-        print(f"  client {me.account}: spent {spent} credits, balance {ledger.balance(me.account).balance}")
+        balance = format_credits(ledger.balance(me).units)
+        print(f"  client {me.account}: spent {format_credits(spent(ledger, me))} credits, balance {balance}")
+        earned = {e.account: e.earned_units for e in ledger.top(1000)}  # the leaderboard is public
         for node in nodes:
-            _, earned = moved(ledger, node["account"])
             blocks = "{}:{}".format(*node["blocks"])
-            print(f"  node   {node['account']} (blocks {blocks}): earned {earned} credits")
+            units = earned.get(node["account"], 0)
+            print(f"  node   {node['account']} (blocks {blocks}): earned {format_credits(units)} credits")
     return 0
 
 

@@ -13,13 +13,15 @@ from pathlib import Path
 import grpc
 import pytest
 
+from hivegen.coordinator.client import open_request
 from hivegen.coordinator.ledger_service import receipt_to_proto
 from hivegen.credits.identity import Identity
-from hivegen.credits.outbox import APPLIED, INSUFFICIENT, REJECTED, Answer, ReceiptOutbox
+from hivegen.credits.outbox import APPLIED, DEFERRED, INSUFFICIENT, REJECTED, Answer, ReceiptOutbox
 from hivegen.credits.receipts import WORK_UNITS_PER_CREDIT, Receipt, SignedReceipt, sign_receipt
 from hivegen.node.billing import Billing, PaidSession
 from hivegen.node.errors import RequestError
 
+UNIT = WORK_UNITS_PER_CREDIT
 CLIENT = Identity.generate()
 NODE = Identity.generate()
 MODEL = "tiny-0123456789ab"
@@ -43,27 +45,29 @@ def test_the_outbox_keeps_only_the_latest_receipt_per_session(tmp_path: Path) ->
     latest = outbox.latest("s1")
     assert latest is not None and latest.receipt.seq == 2
     assert [r.receipt.session_id for r in outbox.due()] == ["s1", "s2"]
-    assert outbox.pending_count() == 2 and outbox.unsettled_credits(CLIENT.account) == 7
+    assert outbox.pending_count() == 2 and outbox.unsettled_work(CLIENT.account) == 7 * WORK_UNITS_PER_CREDIT
     assert outbox.latest("nope") is None
 
 
 def test_answers_settle_receipts_and_only_unaffordable_ones_are_retried(tmp_path: Path) -> None:
     outbox = ReceiptOutbox(tmp_path / "receipts.sqlite")
-    for sid in ("applied", "poor", "forged"):
+    for sid in ("applied", "poor", "forged", "early"):
         outbox.keep(receipt(sid, 1, 3 * WORK_UNITS_PER_CREDIT))
     outbox.record(
-        [Answer("applied", 1, 3, APPLIED), Answer("poor", 1, 3, INSUFFICIENT), Answer("forged", 1, 3, REJECTED)]
-    )
-    assert outbox.due(retry_after=3600) == []
-    assert [r.receipt.session_id for r in outbox.due(retry_after=0)] == ["poor"]  # retried once time has passed
-    assert outbox.pending_count() == 1
-    assert outbox.unsettled_credits(CLIENT.account) == 3  # the unaffordable one is still owed
+        [Answer(sid, 1, 3 * UNIT, outcome) for sid, outcome in (("applied", APPLIED), ("poor", INSUFFICIENT),
+                                                                 ("forged", REJECTED), ("early", DEFERRED))]
+    )  # fmt: skip
+    assert outbox.due(retry_after=3600, deferred_after=3600) == []
+    assert [r.receipt.session_id for r in outbox.due(retry_after=0, deferred_after=3600)] == ["poor"]
+    assert [r.receipt.session_id for r in outbox.due(retry_after=3600, deferred_after=0)] == ["early"]
+    assert outbox.pending_count() == 2
+    assert outbox.unsettled_work(CLIENT.account) == 2 * 3 * UNIT  # the unaffordable and deferred ones are owed
 
     outbox.keep(receipt("applied", 2, 4 * WORK_UNITS_PER_CREDIT))  # the session went on: due again
-    assert [r.receipt.seq for r in outbox.due(retry_after=3600)] == [2]
-    assert outbox.unsettled_credits(CLIENT.account) == 3 + 1
-    outbox.record([Answer("applied", 1, 3, APPLIED)])  # a late answer for an older receipt changes nothing
-    assert [r.receipt.seq for r in outbox.due(retry_after=3600)] == [2]
+    assert [r.receipt.seq for r in outbox.due(retry_after=3600, deferred_after=3600)] == [2]
+    assert outbox.unsettled_work(CLIENT.account) == (2 * 3 + 1) * UNIT
+    outbox.record([Answer("applied", 1, 3 * UNIT, APPLIED)])  # a late answer for an older receipt changes nothing
+    assert [r.receipt.seq for r in outbox.due(retry_after=3600, deferred_after=3600)] == [2]
 
 
 def test_a_kept_receipt_survives_the_process_being_killed(tmp_path: Path) -> None:
@@ -142,10 +146,19 @@ def test_sessions_without_a_payer_or_with_a_borrowed_key_are_refused_before_any_
     node.stop(flush_timeout=0)
 
 
+def test_a_paying_client_must_send_its_signed_open_so_the_node_may_read_its_balance(tmp_path: Path) -> None:
+    node = billing(tmp_path)
+    for ledger_open in (None, open_request(NODE)):  # none, or another account's
+        with pytest.raises(RequestError, match=r"only .* may read its balance") as refused:
+            node.admit("s", CLIENT.account, CLIENT.public_key_hex, 0, 2, 16, ledger_open)
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    node.stop(flush_timeout=0)
+
+
 def test_an_unknown_client_is_refused_while_the_ledger_is_unreachable(tmp_path: Path) -> None:
     node = billing(tmp_path)
     with pytest.raises(RequestError, match="unreachable and this node has not served") as refused:
-        node.admit("s", CLIENT.account, CLIENT.public_key_hex, 0, 2, 16)
+        node.admit("s", CLIENT.account, CLIENT.public_key_hex, 0, 2, 16, open_request(CLIENT))
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE  # clients route around: another node may know them
     node.stop(flush_timeout=0)
 

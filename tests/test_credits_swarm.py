@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import hivemind
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -24,10 +25,12 @@ from transformers import AutoModelForCausalLM
 from hivegen.client import Client
 from hivegen.client.model import RemoteModelForCausalLM
 from hivegen.cluster import PARENT_PID_ENV, LocalCluster
-from hivegen.coordinator.client import LedgerClient
+from hivegen.coordinator.client import LedgerClient, open_account
 from hivegen.coordinator.ledger_service import receipt_to_proto
 from hivegen.credits.identity import Identity
 from hivegen.credits.receipts import WORK_UNITS_PER_CREDIT, Receipt, SignedReceipt
+from hivegen.credits.units import format_credits
+from hivegen.dht import start_dht, visible_maddrs
 from hivegen.errors import InsufficientCredits, NoRouteError
 from hivegen.model.tiny import make_tiny_checkpoint
 from hivegen.proto import ledger_pb2, node_pb2_grpc
@@ -39,6 +42,7 @@ from tests.wire import Stream, info, new_id, open_request, refusal, step_request
 WIDE = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 8, "num_key_value_heads": 4,
         "max_position_embeddings": 1024}  # fmt: skip
 SPANS = [(0, 2), (2, 4)]
+UNIT = WORK_UNITS_PER_CREDIT
 GRANT = 100  # small, so that a long session is unaffordable
 PROMPT = list(range(3, 19))  # 16 tokens
 NEW = 24
@@ -52,9 +56,10 @@ MakeReceipt = Callable[[str], ledger_pb2.Receipt | None]  # a session id -> the 
 class CoordinatorProcess:
     """`hivegen coordinator serve` on a fixed port and data directory, so it can be killed and restarted."""
 
-    def __init__(self, data: Path, port: int) -> None:
+    def __init__(self, data: Path, port: int, initial_peers: list[str]) -> None:
         self.data = data
         self.port = port
+        self.initial_peers = initial_peers  # the swarm it joins (and rejoins after a restart) to see the nodes
         self.address = f"127.0.0.1:{port}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -63,7 +68,8 @@ class CoordinatorProcess:
         ready.unlink(missing_ok=True)
         cmd = [
             sys.executable, "-m", "hivegen", "coordinator", "serve", "--port", str(self.port),
-            "--data", str(self.data), "--starter-grant", str(GRANT), "--ready-file", str(ready),
+            "--data", str(self.data), "--starter-grant", str(GRANT), "--grant-proof-of-work", "8",
+            "--ready-file", str(ready), "--initial-peers", *self.initial_peers,
         ]  # fmt: skip
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
         with open(self.data / "coordinator.log", "ab") as log:
@@ -115,8 +121,18 @@ def reference(wide_model: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
-    process = CoordinatorProcess(tmp_path_factory.mktemp("coordinator"), free_port())
+def bootstrap() -> Iterator[hivemind.DHT]:
+    """The swarm's bootstrap peer, so the coordinator can be killed and rejoin the nodes' swarm."""
+    dht = start_dht()
+    try:
+        yield dht
+    finally:
+        dht.shutdown()
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory, bootstrap: hivemind.DHT) -> Iterator[CoordinatorProcess]:
+    process = CoordinatorProcess(tmp_path_factory.mktemp("coordinator"), free_port(), visible_maddrs(bootstrap))
     process.start()
     try:
         yield process
@@ -127,7 +143,8 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinato
 @pytest.fixture(scope="module")
 def cluster(wide_model: Path, coordinator: CoordinatorProcess, start_cluster: ClusterFactory) -> LocalCluster:
     node_args = ["--unpaid-credits", str(UNPAID_LIMIT)]
-    return start_cluster(wide_model, spans=SPANS, coordinator_address=coordinator.address, node_args=node_args)
+    return start_cluster(wide_model, spans=SPANS, coordinator_address=coordinator.address, node_args=node_args,
+                         initial_peers=coordinator.initial_peers)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +157,8 @@ def ledger(coordinator: CoordinatorProcess) -> Iterator[LedgerClient]:
 
 
 def expected_charges(cluster: LocalCluster, block_params: list[int], positions: int = POSITIONS) -> dict[str, int]:
-    """What each node earns for one generation: positions x parameters of its blocks, in whole credits."""
-    return {n.account: positions * sum(block_params[n.blocks[0] : n.blocks[1]]) // WORK_UNITS_PER_CREDIT
+    """What each node earns for one generation: positions x parameters of its blocks, in work units."""
+    return {n.account: positions * sum(block_params[n.blocks[0] : n.blocks[1]])
             for n in cluster.nodes}  # fmt: skip
 
 
@@ -169,11 +186,11 @@ def settled(cluster: LocalCluster) -> None:
 
 
 def paid(ledger: LedgerClient, client: Identity) -> dict[str, int]:
-    """Credits the ledger moved from `client` to each account."""
+    """Work units the ledger moved from `client` to each account (read with the client's key)."""
     moved: dict[str, int] = {}
-    for entry in ledger.history(client.account, limit=1000):
+    for entry in ledger.history(client, limit=1000):
         if entry.kind == "transfer" and entry.src == client.account:
-            moved[entry.dst] = moved.get(entry.dst, 0) + entry.amount
+            moved[entry.dst] = moved.get(entry.dst, 0) + entry.units
     return moved
 
 
@@ -199,11 +216,11 @@ def test_a_paid_generation_is_exact_and_moves_exactly_the_work_served(
     tokens, charges = generate(wide_model, cluster, client)
     assert tokens == reference
     expected = expected_charges(cluster, block_params)
-    assert all(credits > 5 for credits in expected.values()), expected
+    assert all(units > 5 * UNIT for units in expected.values()), expected
     assert charges == expected
     settled(cluster)
     assert paid(ledger, client) == expected
-    assert ledger.balance(client.account).balance == GRANT - sum(expected.values())
+    assert ledger.balance(client).units == GRANT * UNIT - sum(expected.values())
     assert ledger.verify_journal().ok
 
 
@@ -215,11 +232,16 @@ def test_insufficient_credits_are_refused_at_open_before_any_work(
     new_tokens = 400  # 416 positions x ~31.5M parameters per node is over the 100-credit grant
     with pytest.raises(InsufficientCredits) as refused:
         generate(wide_model, cluster, client, max_new_tokens=new_tokens)
-    needed = -(-(len(PROMPT) + new_tokens) * sum(block_params[0:2]) // WORK_UNITS_PER_CREDIT)
-    assert (refused.value.account, refused.value.balance, refused.value.needed) == (client.account, GRANT, needed)
-    assert f"has {GRANT} credits" in str(refused.value) and f"may cost up to {needed}" in str(refused.value)
+    needed = (len(PROMPT) + new_tokens) * sum(block_params[0:2])  # exact work units, nothing rounded
+    assert (refused.value.account, refused.value.balance, refused.value.needed) == (
+        client.account,
+        GRANT * UNIT,
+        needed,
+    )
+    assert f"has {GRANT} credits" in str(refused.value)
+    assert f"may cost up to {format_credits(needed)}" in str(refused.value)
     assert node_steps(cluster) == steps_before  # no node did any work
-    assert ledger.balance(client.account).balance == GRANT and paid(ledger, client) == {}
+    assert ledger.balance(client).units == GRANT * UNIT and paid(ledger, client) == {}
     assert generate(wide_model, cluster, client)[1]  # an affordable session still runs, and is paid
 
 
@@ -240,7 +262,7 @@ def test_a_replay_from_the_store_reaches_no_node_and_costs_nothing(
         assert again.replayed and again.tokens == first.tokens and client.last_cost == 0
         settled(cluster)
         assert node_steps(cluster) == steps  # no node worked
-        assert client.balance() == GRANT - sum(expected.values())
+        assert client.balance() == GRANT * UNIT - sum(expected.values())
     assert paid(ledger, me) == expected
 
 
@@ -269,6 +291,7 @@ def test_forged_stale_and_missing_receipts_are_refused_over_the_wire(
     hidden = info(node0).hidden_size
     work = sum(block_params[0:2])  # one token through node 0's blocks
     alice, mallory = Identity.generate(), Identity.generate()
+    open_account(ledger, alice)  # alice claims her grant; mallory never does
 
     def refused_step(
         make_receipt: Callable[[str], ledger_pb2.Receipt | None], pay_step_0: bool = True
@@ -321,8 +344,9 @@ def test_forged_stale_and_missing_receipts_are_refused_over_the_wire(
 
     # The node kept serving; only alice's genuine receipts reached the ledger, and mallory paid nothing.
     settled(cluster)
-    assert paid(ledger, mallory) == {} and not ledger.balance(mallory.account).known
-    assert paid(ledger, alice) == {}  # one token's work per session is under a credit: nothing moved
+    assert paid(ledger, mallory) == {} and not ledger.balance(mallory).known
+    # Each of alice's sessions paid exactly its first step's genuine receipt, a third of a credit: nothing rounds.
+    assert paid(ledger, alice) == {node: len(checks) * work} and work < UNIT
     assert info(node0).counters.errors >= len(checks) + 3
 
 

@@ -15,6 +15,7 @@ from hivegen.credits.receipts import (
     sign_receipt,
     verify_receipt,
 )
+from hivegen.credits.units import format_credits
 from hivegen.errors import ForgedReceiptError
 
 CLIENT = Identity.generate()
@@ -29,10 +30,12 @@ def test_signed_receipt_verifies() -> None:
     verify_receipt(sign_receipt(CLIENT, make_receipt()))
 
 
-def test_credits_count_whole_units_of_work_rounding_down() -> None:
+def test_credits_are_shown_with_every_decimal_of_the_work() -> None:
     assert WORK_UNITS_PER_CREDIT == 10**8  # one credit: 10^8 parameter-tokens (the README's pricing)
-    assert make_receipt(work=3 * WORK_UNITS_PER_CREDIT - 1).credits == 2
-    assert make_receipt(work=3 * WORK_UNITS_PER_CREDIT).credits == 3
+    assert format_credits(3 * WORK_UNITS_PER_CREDIT - 1) == "2.99999999"
+    assert format_credits(3 * WORK_UNITS_PER_CREDIT) == "3"
+    assert format_credits(53_101_440) == "0.5310144"
+    assert format_credits(12_345 * WORK_UNITS_PER_CREDIT) == "12,345"
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import uuid
 import grpc
 import torch
 
+from hivegen.coordinator.client import open_request as signed_open
 from hivegen.credits.identity import Identity
 from hivegen.proto import ledger_pb2, node_pb2, node_pb2_grpc
 from hivegen.proto.tensors import serialize
@@ -34,7 +35,7 @@ def open_request(
     end: int = 6,
     client: Identity | None = None,
 ) -> Request:
-    """Open a session; with `client`, as that paying identity."""
+    """Open a session; with `client`, as that paying identity (with its signed OpenAccount for the ledger)."""
     return Request(
         open=node_pb2.OpenSession(
             session_id=session_id,
@@ -45,6 +46,7 @@ def open_request(
             batch_size=batch_size,
             client_account=client.account if client else "",
             client_key=client.public_key_hex if client else "",
+            ledger_open=signed_open(client) if client else None,
         )
     )
 

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 
 from hivegen.client.model import RemoteModelForCausalLM, Streamer
 from hivegen.client.trace import TraceRecorder
-from hivegen.coordinator.client import LedgerClient
+from hivegen.coordinator.client import LedgerClient, open_account
 from hivegen.credits.identity import Identity
 from hivegen.errors import CreditsError
 from hivegen.model.checkpoint import ModelCheckpoint
@@ -71,7 +71,7 @@ class Client:
         self._remote_kwargs = {**remote_kwargs, "identity": identity, "coordinator": coordinator, "verify": verify,
                                "timeout": timeout}  # fmt: skip
         self.coordinator = coordinator
-        self.last_cost = 0  # credits the last generate/resample/run_request signed for (0 for a replay)
+        self.last_cost = 0  # work units the last generate/resample/run_request signed for (0 for a replay)
         self._remote: RemoteModelForCausalLM | None = None  # joined only when the network is needed
         self._trace: TraceRecorder | None = None
         try:
@@ -205,12 +205,12 @@ class Client:
         return self.remote.payer.identity if self.remote.payer is not None else Identity.load_or_create()
 
     def balance(self) -> int:
-        """This client's credits on the coordinator's ledger (registering the account, with its grant, if new)."""
+        """This client's balance in work units (hivegen.credits.units.format_credits shows it in credits) on the
+        coordinator's ledger; a new account is opened, claiming its starter grant (solving its proof of work)."""
         if not self.coordinator:
             raise CreditsError("no coordinator: pass Client(..., coordinator='HOST:PORT') to read the balance")
-        identity = self.identity
         with LedgerClient(self.coordinator) as ledger:
-            return int(ledger.open_account(identity.account, identity.public_key_hex).balance)
+            return open_account(ledger, self.identity)
 
     def close(self) -> None:
         if self._remote is not None:

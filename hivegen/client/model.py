@@ -68,7 +68,7 @@ class RemoteModelForCausalLM:
             self.generation_config = GenerationConfig.from_model_config(checkpoint.config)
         self.last_route: list[Hop] = []
         self.last_timings: list[StepTiming] = []
-        self.last_charges: dict[str, int] = {}  # node account -> credits signed for, in the last generation
+        self.last_charges: dict[str, int] = {}  # node account -> work units signed for, in the last generation
         self.last_verification = VerificationReport(self.verifier.policy.mode)  # of the last generation
 
     @classmethod
@@ -127,7 +127,7 @@ class RemoteModelForCausalLM:
 
     @property
     def last_cost(self) -> int:
-        """Credits the last generation's receipts let nodes collect (0 when every node served for free)."""
+        """Work units the last generation's receipts let nodes collect (0 when every node served for free)."""
         return sum(self.last_charges.values())
 
     def inference_session(self, max_length: int, batch_size: int = 1, timeout: float | None = None) -> InferenceSession:
@@ -195,7 +195,7 @@ class RemoteModelForCausalLM:
 
         `on_token` gets each step's tokens; `on_retract(n)` says that only the first n generated tokens
         (counting `generated`) stand, and generation resumes after them. Returns what verification found over
-        every run (also in `last_verification`); `last_charges` sums the credits of every run.
+        every run (also in `last_verification`); `last_charges` sums the work units of every run.
         """
         kept: list[torch.Tensor] = [] if generated is None else list(generated.unbind(dim=1))
         report = VerificationReport(self.verifier.policy.mode)

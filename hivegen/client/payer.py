@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from pathlib import Path
 
+from hivegen.coordinator.client import open_request
 from hivegen.coordinator.ledger_service import receipt_to_proto
+from hivegen.credits.grants import ProofTimeout, solve_proof
 from hivegen.credits.identity import Identity
 from hivegen.credits.receipts import Receipt, sign_receipt
+from hivegen.credits.units import format_credits
+from hivegen.errors import GrantProofNeeded
 from hivegen.proto import ledger_pb2
+
+logger = logging.getLogger(__name__)
+GRANT_PROOF_TIMEOUT_S = 600.0
 
 
 class Payer:
@@ -24,6 +33,8 @@ class Payer:
         self._identity = identity if isinstance(identity, Identity) else None
         self._identity_path = None if isinstance(identity, Identity) or identity is None else Path(identity)
         self._lock = threading.Lock()
+        self._grant_lock = threading.Lock()  # one proof of work at a time, however many sessions ask
+        self._grant_proof: tuple[str, int] | None = None  # (ledger salt, proof) once solved
 
     @property
     def identity(self) -> Identity:
@@ -41,3 +52,27 @@ class Payer:
         me = self.identity
         receipt = Receipt(session_id, me.account, me.public_key_hex, node, self.model_key, seq, work)
         return receipt_to_proto(sign_receipt(me, receipt))
+
+    def open_request(self) -> ledger_pb2.AccountRequest:
+        """A fresh signed OpenAccount call, for a node that charges to forward to the ledger (with the starter
+        grant's proof of work once it is solved)."""
+        proof = self._grant_proof
+        return open_request(self.identity, proof[1] if proof else None)
+
+    def prove_grant(self, need: GrantProofNeeded) -> None:
+        """Solve the proof of work a new account's starter grant asks for (once per ledger); the next
+        open_request carries it. Raises `need` if no proof is found in GRANT_PROOF_TIMEOUT_S."""
+        with self._grant_lock:
+            if self._grant_proof is not None and self._grant_proof[0] == need.salt:
+                return  # another session solved it meanwhile
+            logger.warning(
+                "claiming the starter grant of %s credits: solving a %d-bit proof of work (once per account)...",
+                format_credits(need.grant_units), need.bits,
+            )  # fmt: skip
+            began = time.perf_counter()
+            try:
+                proof = solve_proof(need.salt, self.identity.public_key_hex, need.bits, GRANT_PROOF_TIMEOUT_S)
+            except ProofTimeout as exc:
+                raise need from exc
+            logger.warning("proof of work found in %.1f s", time.perf_counter() - began)
+            self._grant_proof = (need.salt, proof)

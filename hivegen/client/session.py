@@ -19,7 +19,7 @@ from hivegen.client.payer import Payer
 from hivegen.client.routing import Hop
 from hivegen.client.span import ProvenFault, SpanSession, StepInputs
 from hivegen.client.swarm import SwarmView
-from hivegen.errors import InsufficientCredits, NoRouteError, RemoteError, SessionError
+from hivegen.errors import GrantProofNeeded, InsufficientCredits, NoRouteError, RemoteError, SessionError
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +126,11 @@ class InferenceSession:
 
     @property
     def charges(self) -> dict[str, int]:
-        """Credits the receipts signed in this session let each node account collect."""
+        """Work units the receipts signed in this session let each node account collect."""
         owed: dict[str, int] = {}
         for span in [*self.all_spans, *self.checks]:
             if span.node_account:
-                owed[span.node_account] = owed.get(span.node_account, 0) + span.credits
+                owed[span.node_account] = owed.get(span.node_account, 0) + span.signed_work
         return owed
 
     def close(self) -> None:
@@ -149,16 +149,16 @@ class InferenceSession:
         self.close()
 
     def open_span(self, hop: Hop, max_length: int | None = None) -> SpanSession:
-        """A session on one hop with this session's settings (also used to re-execute a hop's inputs)."""
-        return SpanSession(
-            self.swarm,
-            hop,
-            max_length or self.max_length,
-            self.batch_size,
-            self.timeout,
-            self.payer,
-            attest=self.attest,
-        )
+        """A session on one hop with this session's settings (also used to re-execute a hop's inputs). A new
+        account's first paid session solves the starter grant's proof of work, then opens again."""
+        args = (self.swarm, hop, max_length or self.max_length, self.batch_size, self.timeout, self.payer)
+        try:
+            return SpanSession(*args, attest=self.attest)
+        except GrantProofNeeded as need:
+            if self.payer is None:
+                raise
+            self.payer.prove_grant(need)
+            return SpanSession(*args, attest=self.attest)
 
     def _open_chain(self, start: int, end: int, wait: bool = False) -> list[SpanSession]:
         """Open sessions on a route for blocks [start, end); a node that refuses or fails is routed around."""

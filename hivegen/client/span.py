@@ -23,9 +23,10 @@ import torch
 from hivegen.client.payer import Payer
 from hivegen.client.routing import Hop
 from hivegen.client.swarm import SwarmView
+from hivegen.coordinator.client import grant_proof_needed
 from hivegen.credits.attestation import StepClaim, chain_digest, step_input_digest, tensor_digest, verify_claim
-from hivegen.credits.identity import PUBLIC_KEY_PATTERN, account_of
-from hivegen.credits.receipts import INSUFFICIENT_CREDITS, WORK_UNITS_PER_CREDIT
+from hivegen.credits.identity import account_of, is_public_key
+from hivegen.credits.receipts import INSUFFICIENT_CREDITS
 from hivegen.errors import InsufficientCredits, RemoteError
 from hivegen.proto import ledger_pb2, node_pb2
 from hivegen.proto.tensors import TensorDecodeError, deserialize, dtype_from_name, serialize
@@ -127,6 +128,7 @@ class SpanSession:
                 batch_size=batch_size,
                 client_account=payer.identity.account if payer else "",
                 client_key=payer.identity.public_key_hex if payer else "",
+                ledger_open=payer.open_request() if payer else None,
             )
         )
         try:
@@ -138,11 +140,6 @@ class SpanSession:
     @property
     def paid(self) -> bool:
         return bool(self.node_account) and self.payer is not None
-
-    @property
-    def credits(self) -> int:
-        """Credits the receipts signed so far let this node collect."""
-        return self.signed_work // WORK_UNITS_PER_CREDIT
 
     @property
     def blocks(self) -> int:
@@ -340,13 +337,12 @@ class SpanSession:
                 continue
 
 
-def is_public_key(text: str) -> bool:
-    return PUBLIC_KEY_PATTERN.fullmatch(text or "") is not None
-
-
 def _raise_insufficient(error: grpc.RpcError, address: str) -> None:
-    """Turn a node's insufficient-credits refusal into InsufficientCredits."""
+    """Turn a node's refusal for want of credits into InsufficientCredits (GrantProofNeeded for a new account)."""
     trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    need = grant_proof_needed(trailing)
+    if need is not None:
+        raise need
     meta = {key: value for key, value in trailing or ()}
     if meta.get("hivegen-error") != INSUFFICIENT_CREDITS:
         return

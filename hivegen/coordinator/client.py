@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from hivegen.credits.receipts import SignedReceipt
-from hivegen.errors import HivegenError
+from hivegen.credits.auth import sign_call
+from hivegen.credits.receipts import GRANT_PROOF_NEEDED, SignedReceipt
+from hivegen.errors import GrantProofNeeded, HivegenError
 from hivegen.proto import ledger_pb2, ledger_pb2_grpc, reports_pb2, reports_pb2_grpc
 from hivegen.proto.options import grpc_options
 
@@ -20,7 +21,43 @@ class CoordinatorUnreachable(HivegenError):
     """The coordinator did not answer."""
 
 
+def open_request(identity: Identity, grant_proof: int | None = None) -> ledger_pb2.AccountRequest:
+    """A signed OpenAccount call for the identity's own account (sent directly, or through a node)."""
+    proof = grant_proof or 0
+    auth = sign_call(identity, "OpenAccount", {"grant_proof": proof})
+    return ledger_pb2.AccountRequest(account=identity.account, auth=auth, grant_proof=proof)
+
+
+def grant_proof_needed(metadata: object) -> GrantProofNeeded | None:
+    """The GrantProofNeeded that trailing metadata describes (from the ledger or a node), or None."""
+    meta = {key: value for key, value in metadata or ()}  # type: ignore[attr-defined]
+    if meta.get("hivegen-error") != GRANT_PROOF_NEEDED:
+        return None
+    try:
+        units, bits = int(meta["hivegen-grant-units"]), int(meta["hivegen-grant-bits"])
+        return GrantProofNeeded(str(meta.get("hivegen-account", "?")), units, bits, str(meta["hivegen-grant-salt"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def open_account(ledger: LedgerClient, identity: Identity, solve_timeout: float = 600.0) -> int:
+    """Open the identity's account, solving the starter grant's proof of work if the ledger asks; return the
+    balance in work units."""
+    from hivegen.credits.grants import ProofTimeout, solve_proof
+
+    try:
+        return int(ledger.open_account(identity).units)
+    except GrantProofNeeded as need:
+        try:
+            proof = solve_proof(need.salt, identity.public_key_hex, need.bits, solve_timeout)
+        except ProofTimeout as exc:
+            raise need from exc
+        return int(ledger.open_account(identity, proof).units)
+
+
 class LedgerClient:
+    """The ledger's calls; those that reveal or change an account are signed by `identity`'s key for it."""
+
     def __init__(self, address: str, timeout: float = 10.0) -> None:
         self.address = address
         self.timeout = timeout
@@ -29,14 +66,28 @@ class LedgerClient:
         self._channel = grpc.insecure_channel(address, options=options)
         self._stub = ledger_pb2_grpc.LedgerStub(self._channel)
 
-    def balance(self, account: str) -> ledger_pb2.Balance:
-        return self._call(self._stub.GetBalance, ledger_pb2.AccountRequest(account=account))
+    def balance(self, identity: Identity) -> ledger_pb2.Balance:
+        """The identity's own balance (in work units)."""
+        request = ledger_pb2.AccountRequest(account=identity.account, auth=sign_call(identity, "GetBalance"))
+        return self._call(self._stub.GetBalance, request)
 
-    def open_account(self, account: str, public_key: str = "") -> ledger_pb2.Balance:
-        return self._call(self._stub.OpenAccount, ledger_pb2.AccountRequest(account=account, public_key=public_key))
+    def open_account(self, identity: Identity, grant_proof: int | None = None) -> ledger_pb2.Balance:
+        """Open the identity's account (claiming the starter grant with `grant_proof`); GrantProofNeeded when the
+        ledger wants a proof of work first."""
+        return self.forward_open(open_request(identity, grant_proof))
 
-    def history(self, account: str = "", limit: int = 50) -> list[ledger_pb2.JournalEntry]:
-        return list(self._call(self._stub.History, ledger_pb2.HistoryRequest(account=account, limit=limit)).entries)
+    def forward_open(self, request: ledger_pb2.AccountRequest) -> ledger_pb2.Balance:
+        """Send an OpenAccount call signed by someone else (a node forwards its client's)."""
+        return self._call(self._stub.OpenAccount, request)
+
+    def history(self, identity: Identity, limit: int = 50) -> list[ledger_pb2.JournalEntry]:
+        """The identity's own journal entries, newest first."""
+        auth = sign_call(identity, "History", {"limit": limit})
+        request = ledger_pb2.HistoryRequest(account=identity.account, limit=limit, auth=auth)
+        return list(self._call(self._stub.History, request).entries)
+
+    def grant_policy(self) -> ledger_pb2.GrantPolicy:
+        return self._call(self._stub.GetGrantPolicy, ledger_pb2.GrantPolicyRequest())
 
     def top(self, limit: int = 10) -> list[ledger_pb2.TopEntry]:
         return list(self._call(self._stub.Top, ledger_pb2.TopRequest(limit=limit)).entries)
@@ -64,6 +115,9 @@ class LedgerClient:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             code = _raise_if_unreachable(exc, self.address)
+            need = grant_proof_needed(exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None)
+            if need is not None:
+                raise need from exc
             raise HivegenError(f"coordinator {self.address} answered {code}: {exc.details()}") from exc
 
 

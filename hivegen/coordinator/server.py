@@ -16,7 +16,9 @@ import hivemind
 from hivegen.coordinator.ledger_service import LedgerServicer
 from hivegen.coordinator.report_store import DEFAULT_EVIDENCE_BUDGET, ReportsServicer, ReportStore
 from hivegen.coordinator.reports import MAX_EVIDENCE_BYTES
+from hivegen.coordinator.serving import ServingAccounts
 from hivegen.coordinator.status import StatusServer, leaderboard, swarm_status
+from hivegen.credits.grants import DEFAULT_PROOF_BITS, DEFAULT_STARTER_GRANT
 from hivegen.credits.ledger import Ledger
 from hivegen.dht import start_dht, visible_maddrs
 from hivegen.files import write_json_atomic
@@ -37,7 +39,8 @@ class CoordinatorConfig:
     port: int = 0  # ledger gRPC port (0: any free port)
     dht_port: int = 0  # DHT bootstrap port (0: any free port)
     http_port: int = 0  # status page port (0: any free port)
-    starter_grant: int = 10_000  # credits every new account receives once
+    starter_grant: int = DEFAULT_STARTER_GRANT  # credits a new account receives once (0: only serving earns)
+    grant_proof_bits: int = DEFAULT_PROOF_BITS  # the proof of work a grant costs (2^bits hashes on average)
     ready_file: Path | None = None  # written as JSON once every service is up
     initial_peers: list[str] = field(default_factory=list)  # join an existing swarm instead of starting one
     evidence_budget: int = DEFAULT_EVIDENCE_BUDGET  # bytes of report evidence kept at most; then reports are refused
@@ -59,12 +62,13 @@ class Coordinator:
         # The DHT forks a process: start it before any gRPC object exists.
         self.dht = start_dht(cfg.initial_peers or None, host=cfg.host, port=cfg.dht_port)
         cfg.data.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(cfg.data / LEDGER_FILE, starter_grant=cfg.starter_grant)
+        self.ledger = Ledger(cfg.data / LEDGER_FILE, cfg.starter_grant, cfg.grant_proof_bits)
         # Ledger calls are small and reports at most MAX_EVIDENCE_BYTES: a stranger cannot make it read more.
         options = grpc_options(MAX_EVIDENCE_BYTES + MESSAGE_OVERHEAD_BYTES)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
         self.reports = ReportStore(cfg.data, evidence_budget=cfg.evidence_budget)
-        ledger_pb2_grpc.add_LedgerServicer_to_server(LedgerServicer(self.ledger), self.server)
+        servicer = LedgerServicer(self.ledger, ServingAccounts(self.dht))  # receipts pay only announced nodes
+        ledger_pb2_grpc.add_LedgerServicer_to_server(servicer, self.server)
         reports_pb2_grpc.add_ReportsServicer_to_server(ReportsServicer(self.reports), self.server)
         port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if port == 0:

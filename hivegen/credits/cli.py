@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hivegen.credits.grants import DEFAULT_PROOF_BITS, DEFAULT_STARTER_GRANT
+
 COORDINATOR_ENV = "HIVEGEN_COORDINATOR"
 
 
@@ -38,23 +40,55 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_balance(args: argparse.Namespace) -> int:
-    from hivegen.coordinator.client import LedgerClient
+def _identity(args: argparse.Namespace) -> Any:
     from hivegen.credits.identity import Identity
 
-    account = args.account or Identity.load_or_create().account
+    return Identity.load_or_create(Path(args.identity) if args.identity else None)
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    from hivegen.coordinator.client import LedgerClient
+    from hivegen.credits.units import credits_value, format_credits
+
+    identity = _identity(args)
     with LedgerClient(_coordinator(args)) as ledger:
-        reply = ledger.balance(account)
-    data = {"account": account, "balance": reply.balance, "known": reply.known}
-    _emit(args, data, f"{account}: {reply.balance} credits" + ("" if reply.known else " (no such account yet)"))
+        reply = ledger.balance(identity)
+    data = {"account": identity.account, "credits": credits_value(reply.units), "units": reply.units,
+            "known": reply.known}  # fmt: skip
+    text = f"{identity.account}: {format_credits(reply.units)} credits"
+    if not reply.known:
+        text += " (no such account yet: `hivegen credits open` claims the starter grant)"
+    _emit(args, data, text)
+    return 0
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    import time
+
+    from hivegen.coordinator.client import LedgerClient, open_account
+    from hivegen.credits.units import credits_value, format_credits
+
+    identity = _identity(args)
+    with LedgerClient(_coordinator(args)) as ledger:
+        policy = ledger.grant_policy()
+        if policy.grant_units and not args.json:
+            print(f"the ledger grants {format_credits(policy.grant_units)} credits once, for a {policy.proof_bits}-bit "
+                  "proof of work; solving it if this account has not claimed it yet ...", flush=True)  # fmt: skip
+        began = time.perf_counter()
+        units = open_account(ledger, identity)
+    seconds = time.perf_counter() - began
+    data = {"account": identity.account, "credits": credits_value(units), "units": units, "seconds": seconds}
+    _emit(args, data, f"{identity.account}: {format_credits(units)} credits ({seconds:.1f} s)")
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     from hivegen.coordinator.client import LedgerClient
+    from hivegen.credits.units import credits_value, format_credits
 
+    identity = _identity(args)
     with LedgerClient(_coordinator(args)) as ledger:
-        entries = ledger.history(args.account or "", args.limit)
+        entries = ledger.history(identity, args.limit)
     rows: list[dict[str, Any]] = [
         {
             "row": e.row,
@@ -62,15 +96,17 @@ def cmd_history(args: argparse.Namespace) -> int:
             "kind": e.kind,
             "from": e.src,
             "to": e.dst,
-            "amount": e.amount,
+            "credits": credits_value(e.units),
+            "units": e.units,
             "session_id": e.session_id,
             "seq": e.seq,
         }
         for e in entries
     ]
-    lines = [f"{'ROW':>6}  {'TIME (UTC)':<19}  {'KIND':<8}  {'FROM':<42}  {'TO':<42}  {'AMOUNT':>10}"]
+    lines = [f"{'ROW':>6}  {'TIME (UTC)':<19}  {'KIND':<8}  {'FROM':<42}  {'TO':<42}  {'CREDITS':>16}"]
     lines += [
-        f"{r['row']:>6}  {_when(r['at']):<19}  {r['kind']:<8}  {r['from']:<42}  {r['to']:<42}  {r['amount']:>10}"
+        f"{r['row']:>6}  {_when(r['at']):<19}  {r['kind']:<8}  {r['from']:<42}  {r['to']:<42}  "
+        f"{format_credits(int(r['units'])):>16}"
         for r in rows
     ]
     _emit(args, rows, "\n".join(lines) if rows else "no transfers yet")
@@ -79,12 +115,13 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_top(args: argparse.Namespace) -> int:
     from hivegen.coordinator.client import LedgerClient
+    from hivegen.credits.units import credits_value, format_credits
 
     with LedgerClient(_coordinator(args)) as ledger:
         entries = ledger.top(args.limit)
-    rows = [{"account": e.account, "earned": e.earned} for e in entries]
-    lines = [f"{'#':>3}  {'ACCOUNT':<42}  {'EARNED':>12}"]
-    lines += [f"{i:>3}  {r['account']:<42}  {r['earned']:>12}" for i, r in enumerate(rows, 1)]
+    rows = [{"account": e.account, "earned": credits_value(e.earned_units), "units": e.earned_units} for e in entries]
+    lines = [f"{'#':>3}  {'ACCOUNT':<42}  {'EARNED (CREDITS)':>18}"]
+    lines += [f"{i:>3}  {e.account:<42}  {format_credits(e.earned_units):>18}" for i, e in enumerate(entries, 1)]
     _emit(args, rows, "\n".join(lines) if rows else "nobody has earned credits yet")
     return 0
 
@@ -94,8 +131,15 @@ def cmd_verify_journal(args: argparse.Namespace) -> int:
 
     with LedgerClient(_coordinator(args)) as ledger:
         reply = ledger.verify_journal()
-    data = {"ok": reply.ok, "bad_row": reply.bad_row if not reply.ok else None, "message": reply.message}
-    _emit(args, data, reply.message if reply.ok else f"journal check FAILED at row {reply.bad_row}: {reply.message}")
+    checked = _when(reply.checked_at)
+    data = {"ok": reply.ok, "bad_row": reply.bad_row if not reply.ok else None, "message": reply.message,
+            "rows": reply.rows, "head_hash": reply.head_hash, "checked_at": reply.checked_at}  # fmt: skip
+    text = (
+        f"{reply.message}: {reply.rows} rows, head {reply.head_hash[:16]}, checked {checked} UTC"
+        if reply.ok
+        else f"journal check FAILED at row {reply.bad_row}: {reply.message}"
+    )
+    _emit(args, data, text)
     return 0 if reply.ok else 1
 
 
@@ -112,6 +156,7 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
             dht_port=args.dht_port,
             http_port=args.http_port,
             starter_grant=args.starter_grant,
+            grant_proof_bits=args.grant_proof_of_work,
             ready_file=Path(args.ready_file) if args.ready_file else None,
             initial_peers=args.initial_peers,
         )
@@ -146,17 +191,23 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     credits = commands.add_parser("credits", help="credit balances and the ledger").add_subparsers(
         dest="credits_cmd", required=True
     )
-    balance = credits.add_parser("balance", parents=[common], help="an account's balance (default: yours)")
-    balance.add_argument("account", nargs="?")
+    own = argparse.ArgumentParser(add_help=False, parents=[common])
+    own.add_argument("--identity", help="your key file (default: $HIVEGEN_IDENTITY, else ~/.hivegen/identity); "
+                     "only an account's own key may read it")  # fmt: skip
+    balance = credits.add_parser("balance", parents=[own], help="your balance")
     balance.set_defaults(handler=cmd_balance)
-    history = credits.add_parser("history", parents=[common], help="recent transfers, newest first")
-    history.add_argument("account", nargs="?")
+    open_ = credits.add_parser("open", parents=[own], help="open your account, claiming the starter grant "
+                               "(solves the ledger's proof of work once)")  # fmt: skip
+    open_.set_defaults(handler=cmd_open)
+    history = credits.add_parser("history", parents=[own], help="your recent transfers, newest first")
     history.add_argument("--limit", type=int, default=20)
     history.set_defaults(handler=cmd_history)
     top = credits.add_parser("top", parents=[common], help="the accounts that earned most")
     top.add_argument("--limit", type=int, default=10)
     top.set_defaults(handler=cmd_top)
-    verify = credits.add_parser("verify-journal", parents=[common], help="re-check the journal's hash chain")
+    verify = credits.add_parser(
+        "verify-journal", parents=[common], help="the ledger's latest check of its journal (at most one a minute)"
+    )
     verify.set_defaults(handler=cmd_verify_journal)
 
     coordinator = commands.add_parser("coordinator", help="the swarm's coordinator").add_subparsers(
@@ -168,7 +219,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     serve.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
     serve.add_argument("--http-port", type=int, default=0, help="status page port (0: any free port)")
     serve.add_argument("--data", default=str(Path.home() / ".hivegen" / "coordinator"), help="ledger directory")
-    serve.add_argument("--starter-grant", type=int, default=10_000, help="credits each new account gets once")
+    serve.add_argument("--starter-grant", type=int, default=DEFAULT_STARTER_GRANT,
+                       help=f"credits a new account gets once (default {DEFAULT_STARTER_GRANT}; 0: credits are only "
+                       "earned by serving)")  # fmt: skip
+    serve.add_argument("--grant-proof-of-work", type=int, default=DEFAULT_PROOF_BITS, metavar="BITS",
+                       help=f"leading zero bits of the proof of work a grant costs (default {DEFAULT_PROOF_BITS}: "
+                       "about 10 s of one CPU core)")  # fmt: skip
     serve.add_argument("--ready-file", help="write JSON here once serving")
     serve.add_argument(
         "--initial-peers",

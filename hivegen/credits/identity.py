@@ -37,6 +37,11 @@ def is_account(account: str) -> bool:
     return isinstance(account, str) and ACCOUNT_PATTERN.fullmatch(account) is not None
 
 
+def is_public_key(text: str) -> bool:
+    """Whether `text` is a raw Ed25519 public key as hivegen writes it (64 lowercase hex characters)."""
+    return isinstance(text, str) and PUBLIC_KEY_PATTERN.fullmatch(text) is not None
+
+
 @functools.lru_cache(maxsize=4096)
 def _public_key(public_key_hex: str) -> Ed25519PublicKey:
     """The parsed key (a node verifies every step of a session with the same one)."""

@@ -25,7 +25,7 @@ _COLUMNS = "row, at, kind, src, dst, amount, session_id, seq"
 
 @dataclass(frozen=True)
 class JournalEntry:
-    """One journal row: `amount` credits moved from `src` to `dst` (a grant comes from MINT)."""
+    """One journal row: `amount` work units moved from `src` to `dst` (a grant comes from MINT)."""
 
     row: int
     at: float  # unix time of the transaction
@@ -64,8 +64,9 @@ def entries(db: sqlite3.Connection, account: str | None, limit: int) -> list[Jou
     return [JournalEntry(*row) for row in rows]
 
 
-def verify(db: sqlite3.Connection) -> None:
-    """Check the chain from row 1 and that replaying it gives the stored balances, grants and sessions."""
+def verify(db: sqlite3.Connection) -> tuple[int, str]:
+    """Check the chain from row 1 and that replaying it gives the stored balances, grants and sessions; return
+    (rows, the last row's hash)."""
     balances: dict[str, int] = {}
     grants: dict[str, int] = {}
     paid: dict[tuple[str, str], int] = {}
@@ -99,8 +100,9 @@ def verify(db: sqlite3.Connection) -> None:
     last = expected - 1
     _compare(last, "balance", balances, _table(db, "SELECT account, balance FROM accounts"))
     _compare(last, "granted", grants, _table(db, "SELECT account, granted FROM accounts"))
-    sessions = {(s, n): c for s, n, c in db.execute("SELECT session_id, node, applied_credits FROM sessions")}
-    _compare(last, "applied_credits", paid, sessions)
+    sessions = {(s, n): w for s, n, w in db.execute("SELECT session_id, node, applied_work FROM sessions")}
+    _compare(last, "applied_work", paid, sessions)
+    return last, prev
 
 
 def _table(db: sqlite3.Connection, query: str) -> dict[Any, int]:

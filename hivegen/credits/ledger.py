@@ -1,5 +1,9 @@
 """The credit ledger: applies signed work receipts as zero-sum transfers from clients to nodes, in SQLite.
 
+Amounts are work units (parameter-tokens; WORK_UNITS_PER_CREDIT make a credit), kept as exact integers so no
+session is too small to be charged. Credits enter only as starter grants, at most one per key and each paid
+for with a proof of work (hivegen.credits.grants).
+
 Every write is one `BEGIN IMMEDIATE` transaction, so several threads (one connection behind a lock) and several
 processes (WAL mode, busy timeout) can share one file without losing or double-counting a receipt.
 """
@@ -7,6 +11,7 @@ processes (WAL mode, busy timeout) can share one file without losing or double-c
 from __future__ import annotations
 
 import contextlib
+import secrets
 import sqlite3
 import threading
 import time
@@ -15,13 +20,16 @@ from pathlib import Path
 from types import TracebackType
 
 from hivegen.credits import journal
+from hivegen.credits.auth import MAX_SKEW_S, CallRefused
+from hivegen.credits.grants import DEFAULT_STARTER_GRANT, GrantPolicy, check_proof
 from hivegen.credits.identity import account_of, is_account
 from hivegen.credits.journal import MINT, JournalEntry
-from hivegen.credits.receipts import Receipt, SignedReceipt, verify_receipt
-from hivegen.errors import ForgedReceiptError, InsufficientCredits
+from hivegen.credits.receipts import WORK_UNITS_PER_CREDIT, Receipt, SignedReceipt, verify_receipt
+from hivegen.errors import CreditsError, ForgedReceiptError, GrantProofNeeded, InsufficientCredits
 
-DEFAULT_STARTER_GRANT = 10_000
 BUSY_TIMEOUT_S = 30.0
+AMOUNTS = "work-units"
+"""The meta table's `amounts`: ledgers of earlier hivegen versions counted whole credits and have no meta table."""
 
 _SCHEMA = """
 BEGIN IMMEDIATE;
@@ -39,10 +47,12 @@ CREATE TABLE IF NOT EXISTS sessions (
     client_key TEXT NOT NULL,
     model_key TEXT NOT NULL,
     applied_work INTEGER NOT NULL,
-    applied_credits INTEGER NOT NULL,
     last_seq INTEGER NOT NULL,
     PRIMARY KEY (session_id, node)
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS nonces_at ON nonces (at);
 CREATE TABLE IF NOT EXISTS journal (
     row INTEGER PRIMARY KEY,
     at REAL NOT NULL,
@@ -65,36 +75,74 @@ COMMIT;
 """
 
 
-class Ledger:
-    """Balances, per-session applied work and the transfer journal of one SQLite file (or ":memory:")."""
+class LedgerFormatError(CreditsError):
+    """The ledger file was written by an incompatible version of hivegen."""
 
-    def __init__(self, path: str | Path, starter_grant: int = DEFAULT_STARTER_GRANT) -> None:
+
+class Ledger:
+    """Balances, per-session applied work and the transfer journal of one SQLite file (or ":memory:").
+
+    `starter_grant` credits go once to each new key that shows a proof of work of `grant_proof_bits` bits
+    (0 bits: none needed; a grant of 0: credits are only earned by serving).
+    """
+
+    def __init__(self, path: str | Path, starter_grant: int = DEFAULT_STARTER_GRANT, grant_proof_bits: int = 0) -> None:
         if isinstance(starter_grant, bool) or not isinstance(starter_grant, int) or starter_grant < 0:
             raise ValueError(f"starter_grant must be a non-negative int, not {starter_grant!r}")
         self.path = str(path)
-        self.starter_grant = starter_grant
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         try:
             self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             self._enable_wal()
             self._db.execute("PRAGMA synchronous = FULL")
+            self._check_format()
             self._db.executescript(_SCHEMA)
+            salt = self._meta()
         except BaseException:
             self._db.close()
             raise
+        self.grant_policy = GrantPolicy(starter_grant * WORK_UNITS_PER_CREDIT, grant_proof_bits, salt)
 
-    def ensure_account(self, account: str, public_key: str | None = None) -> int:
-        """Create `account` with the starter grant if it is new (journaled from MINT); return its balance."""
+    def open_account(self, account: str, public_key: str, proof: int | None = None) -> int:
+        """Open `account` (owned by `public_key`) if new and return its balance in work units.
+
+        The starter grant is paid once per account, for a valid proof of work (when the policy asks for one). A
+        call without a valid proof on an account that has nothing raises GrantProofNeeded and creates nothing;
+        one on an account that holds credits (earned by serving) just returns the balance.
+        """
         if not is_account(account):
             raise ValueError(f"{account!r} is not an account ('hg' + 40 lowercase hex characters)")
-        if public_key is not None and account_of(public_key) != account:
+        if account_of(public_key) != account:
             raise ValueError(f"public key {public_key[:16]}... does not belong to account {account}")
+        policy = self.grant_policy
         with self._write() as db:
-            return self._ensure(db, account, public_key)
+            row = db.execute("SELECT balance, granted FROM accounts WHERE account = ?", (account,)).fetchone()
+            balance, granted = (int(row[0]), int(row[1])) if row else (0, 0)
+            if granted or not policy.grant_units:
+                return self._ensure(db, account, public_key)
+            proven = not policy.bits or (proof is not None and check_proof(policy.salt, public_key, proof, policy.bits))
+            if not proven:
+                if balance:
+                    return self._ensure(db, account, public_key)
+                raise GrantProofNeeded(account, policy.grant_units, policy.bits, policy.salt, proof is not None)
+            self._ensure(db, account, public_key)
+            db.execute(
+                "UPDATE accounts SET balance = balance + ?, granted = granted + ? WHERE account = ?",
+                (policy.grant_units, policy.grant_units, account),
+            )
+            journal.append(db, "grant", MINT, account, policy.grant_units, None, None)
+            return balance + policy.grant_units
+
+    def use_nonce(self, nonce: str, now: float) -> None:
+        """Record a signed call's nonce; CallRefused if it was used before (a replayed call)."""
+        with self._write() as db:
+            db.execute("DELETE FROM nonces WHERE at < ?", (now - 2 * MAX_SKEW_S,))
+            if db.execute("INSERT OR IGNORE INTO nonces (nonce, at) VALUES (?, ?)", (nonce, now)).rowcount == 0:
+                raise CallRefused(f"nonce {nonce} was already used: a replayed call")
 
     def balance(self, account: str) -> int:
-        """The account's credits; 0 for an account the ledger has never seen (it is not created)."""
+        """The account's work units; 0 for an account the ledger has never seen (it is not created)."""
         with self._lock:
             row = self._db.execute("SELECT balance FROM accounts WHERE account = ?", (account,)).fetchone()
         return int(row[0]) if row else 0
@@ -105,7 +153,7 @@ class Ledger:
             return self._db.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone() is not None
 
     def apply_receipt(self, signed: SignedReceipt) -> int:
-        """Pay the node what the receipt adds over what was already applied for its session; return the credits.
+        """Pay the node what the receipt adds over what was already applied for its session; return the units.
 
         Duplicate and stale receipts change nothing and return 0. Forged ones raise ForgedReceiptError, and one
         the client cannot afford raises InsufficientCredits; neither moves any credit.
@@ -123,7 +171,7 @@ class Ledger:
             return journal.entries(self._db, account, limit)
 
     def top(self, limit: int = 10) -> list[tuple[str, int]]:
-        """Accounts by credits earned from others (transfers received), highest first."""
+        """Accounts by work units earned from others (transfers received), highest first."""
         query = (
             "SELECT dst, SUM(amount) AS earned FROM journal WHERE kind = 'transfer' AND src != dst "
             "GROUP BY dst ORDER BY earned DESC, dst LIMIT ?"
@@ -132,18 +180,19 @@ class Ledger:
             return [(str(account), int(earned)) for account, earned in self._db.execute(query, (limit,))]
 
     def totals(self) -> tuple[int, int]:
-        """(sum of balances, sum of grants): equal, since transfers only move credits."""
+        """(sum of balances, sum of grants) in units: equal, since transfers only move credits."""
         with self._lock:
             row = self._db.execute("SELECT COALESCE(SUM(balance), 0), COALESCE(SUM(granted), 0) FROM accounts")
             balances, grants = row.fetchone()
         return int(balances), int(grants)
 
-    def verify_journal(self) -> None:
-        """Recheck the hash chain and the replayed balances; raise JournalError naming the first bad row."""
+    def verify_journal(self) -> tuple[int, str]:
+        """Recheck the hash chain and the replayed balances; return (rows, head hash); raise JournalError naming
+        the first bad row."""
         with self._lock:
             self._db.execute("BEGIN")  # one snapshot, even while other processes write
             try:
-                journal.verify(self._db)
+                return journal.verify(self._db)
             finally:
                 self._db.execute("ROLLBACK")
 
@@ -163,13 +212,13 @@ class Ledger:
     def _apply(self, db: sqlite3.Connection, r: Receipt) -> int | InsufficientCredits:
         """The body of apply_receipt, inside its transaction."""
         row = db.execute(
-            "SELECT client, client_key, model_key, applied_work, applied_credits, last_seq FROM sessions "
+            "SELECT client, client_key, model_key, applied_work, last_seq FROM sessions "
             "WHERE session_id = ? AND node = ?",
             (r.session_id, r.node),
         ).fetchone()
-        applied_work = applied_credits = 0
+        applied_work = 0
         if row is not None:
-            client, client_key, model_key, applied_work, applied_credits, last_seq = row
+            client, client_key, model_key, applied_work, last_seq = row
             if (client, client_key) != (r.client, r.client_key):
                 raise ForgedReceiptError("session-owner", f"session {r.session_id} on {r.node} belongs to {client}")
             if model_key != r.model_key:
@@ -180,7 +229,7 @@ class Ledger:
                 raise ForgedReceiptError(
                     "malformed", f"receipt #{r.seq} claims work {r.work}, less than the {applied_work} applied"
                 )
-        delta = r.credits - applied_credits
+        delta = r.work - applied_work
         self._ensure(db, r.client, r.client_key)
         self._ensure(db, r.node, None)
         balance = int(db.execute("SELECT balance FROM accounts WHERE account = ?", (r.client,)).fetchone()[0])
@@ -191,29 +240,49 @@ class Ledger:
             db.execute("UPDATE accounts SET balance = balance + ? WHERE account = ?", (delta, r.node))
             journal.append(db, "transfer", r.client, r.node, delta, r.session_id, r.seq)
         db.execute(
-            "INSERT INTO sessions (session_id, node, client, client_key, model_key, applied_work, applied_credits, "
-            "last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, node) DO UPDATE SET "
-            "applied_work = excluded.applied_work, applied_credits = excluded.applied_credits, "
-            "last_seq = excluded.last_seq",
-            (r.session_id, r.node, r.client, r.client_key, r.model_key, r.work, r.credits, r.seq),
+            "INSERT INTO sessions (session_id, node, client, client_key, model_key, applied_work, last_seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, node) DO UPDATE SET "
+            "applied_work = excluded.applied_work, last_seq = excluded.last_seq",
+            (r.session_id, r.node, r.client, r.client_key, r.model_key, r.work, r.seq),
         )
         return delta
 
     def _ensure(self, db: sqlite3.Connection, account: str, public_key: str | None) -> int:
-        """ensure_account inside an open write transaction."""
+        """Create `account` empty if it is new (inside an open write transaction); return its balance."""
         row = db.execute("SELECT balance, public_key FROM accounts WHERE account = ?", (account,)).fetchone()
         if row is not None:
             if public_key is not None and row[1] is None:
                 db.execute("UPDATE accounts SET public_key = ? WHERE account = ?", (public_key, account))
             return int(row[0])
-        grant = self.starter_grant
         db.execute(
-            "INSERT INTO accounts (account, public_key, balance, granted, created_at) VALUES (?, ?, ?, ?, ?)",
-            (account, public_key, grant, grant, time.time()),
+            "INSERT INTO accounts (account, public_key, balance, granted, created_at) VALUES (?, ?, 0, 0, ?)",
+            (account, public_key, time.time()),
         )
-        if grant:
-            journal.append(db, "grant", MINT, account, grant, None, None)
-        return grant
+        return 0
+
+    def _check_format(self) -> None:
+        """Refuse a ledger written in whole credits by an earlier hivegen (its journal cannot be rewritten)."""
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "accounts" not in tables or "meta" in tables:
+            return
+        if self._db.execute("SELECT 1 FROM journal LIMIT 1").fetchone() is None:
+            self._db.executescript("BEGIN IMMEDIATE; DROP TABLE sessions; COMMIT;")  # empty: adopt it
+            return
+        raise LedgerFormatError(
+            f"{self.path} was written by an earlier hivegen that counted whole credits; its hash-chained journal "
+            "cannot be converted to work units. Keep it as a record and start this coordinator with a new --data "
+            "directory"
+        )
+
+    def _meta(self) -> str:
+        """Mark the file as counting work units; return the ledger's id (the salt of its grant proofs)."""
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('amounts', ?)", (AMOUNTS,))
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', ?)", (secrets.token_hex(16),))
+            values = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        if values["amounts"] != AMOUNTS:
+            raise LedgerFormatError(f"{self.path} counts amounts in {values['amounts']!r}, not {AMOUNTS!r}")
+        return str(values["ledger_id"])
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

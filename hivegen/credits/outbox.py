@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hivegen.credits.receipts import SignedReceipt
+from hivegen.credits.receipts import WORK_UNITS_PER_CREDIT, SignedReceipt
 
 _SCHEMA = """
 BEGIN IMMEDIATE;
@@ -23,10 +23,10 @@ CREATE TABLE IF NOT EXISTS receipts (
     session_id TEXT PRIMARY KEY,
     client TEXT NOT NULL,
     seq INTEGER NOT NULL,
-    credits INTEGER NOT NULL,
+    work INTEGER NOT NULL,
     receipt TEXT NOT NULL,
     submitted_seq INTEGER NOT NULL DEFAULT 0,
-    applied_credits INTEGER NOT NULL DEFAULT 0,
+    applied_work INTEGER NOT NULL DEFAULT 0,
     outcome TEXT NOT NULL DEFAULT '',
     answered_at REAL NOT NULL DEFAULT 0
 );
@@ -34,9 +34,22 @@ CREATE INDEX IF NOT EXISTS receipts_client ON receipts (client);
 COMMIT;
 """
 
+# Outboxes of earlier versions counted whole credits: rename the columns and restate them in work units.
+_MIGRATE_FROM_CREDITS = f"""
+BEGIN IMMEDIATE;
+ALTER TABLE receipts RENAME COLUMN credits TO work;
+ALTER TABLE receipts RENAME COLUMN applied_credits TO applied_work;
+UPDATE receipts SET work = json_extract(receipt, '$.work'),
+    applied_work = CASE WHEN outcome = 'applied' AND submitted_seq >= seq THEN json_extract(receipt, '$.work')
+                        ELSE applied_work * {WORK_UNITS_PER_CREDIT} END;
+COMMIT;
+"""
+
 APPLIED = "applied"
 INSUFFICIENT = "insufficient"
+DEFERRED = "deferred"  # the ledger found no announced node of ours (e.g. the record expired): retried later
 REJECTED = "rejected"
+_RETRIED = (INSUFFICIENT, DEFERRED)
 
 
 @dataclass(frozen=True)
@@ -45,8 +58,8 @@ class Answer:
 
     session_id: str
     seq: int
-    credits: int  # the submitted receipt's credits (settled if it was applied)
-    outcome: str  # APPLIED, INSUFFICIENT (retried later) or REJECTED (never retried)
+    work: int  # the submitted receipt's work units (settled if it was applied)
+    outcome: str  # APPLIED, INSUFFICIENT or DEFERRED (retried later) or REJECTED (never retried)
     detail: str = ""
 
 
@@ -64,6 +77,9 @@ class ReceiptOutbox:
             # NORMAL in WAL mode: a commit survives the process being killed (not a power cut), and costs
             # no fsync on the step's critical path.
             self._db.execute("PRAGMA synchronous = NORMAL")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(receipts)")}
+            if "credits" in columns:
+                self._db.executescript(_MIGRATE_FROM_CREDITS)
             self._db.executescript(_SCHEMA)
         except BaseException:
             self._db.close()
@@ -74,10 +90,10 @@ class ReceiptOutbox:
         r = signed.receipt
         with self._lock:
             self._db.execute(
-                "INSERT INTO receipts (session_id, client, seq, credits, receipt) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (session_id) DO UPDATE SET seq = excluded.seq, credits = excluded.credits, "
+                "INSERT INTO receipts (session_id, client, seq, work, receipt) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (session_id) DO UPDATE SET seq = excluded.seq, work = excluded.work, "
                 "receipt = excluded.receipt WHERE excluded.seq > receipts.seq",
-                (r.session_id, r.client, r.seq, r.credits, json.dumps(signed.to_dict(), sort_keys=True)),
+                (r.session_id, r.client, r.seq, r.work, json.dumps(signed.to_dict(), sort_keys=True)),
             )
 
     def latest(self, session_id: str) -> SignedReceipt | None:
@@ -86,18 +102,20 @@ class ReceiptOutbox:
             row = self._db.execute("SELECT receipt FROM receipts WHERE session_id = ?", (session_id,)).fetchone()
         return SignedReceipt.from_dict(json.loads(row[0])) if row else None
 
-    def due(self, limit: int = 500, retry_after: float = 60.0) -> list[SignedReceipt]:
-        """Receipts the ledger has not answered yet, plus unaffordable ones last tried over `retry_after` s ago."""
+    def due(self, limit: int = 500, retry_after: float = 60.0, deferred_after: float = 5.0) -> list[SignedReceipt]:
+        """Receipts the ledger has not answered yet, plus unaffordable ones last tried over `retry_after` s ago
+        and deferred ones (our node was not yet announced) over `deferred_after` s ago."""
+        now = time.time()
         with self._lock:
             rows = self._db.execute(
-                "SELECT receipt FROM receipts WHERE seq > submitted_seq "
+                "SELECT receipt FROM receipts WHERE seq > submitted_seq OR (outcome = ? AND answered_at < ?) "
                 "OR (outcome = ? AND answered_at < ?) ORDER BY rowid LIMIT ?",
-                (INSUFFICIENT, time.time() - retry_after, limit),
+                (INSUFFICIENT, now - retry_after, DEFERRED, now - deferred_after, limit),
             ).fetchall()
         return [SignedReceipt.from_dict(json.loads(row[0])) for row in rows]
 
     def record(self, answers: list[Answer]) -> None:
-        """Store the ledger's answers; an applied receipt settles its credits."""
+        """Store the ledger's answers; an applied receipt settles its work."""
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -105,9 +123,9 @@ class ReceiptOutbox:
                 for a in answers:
                     self._db.execute(
                         "UPDATE receipts SET submitted_seq = ?, outcome = ?, answered_at = ?, "
-                        "applied_credits = CASE WHEN ? THEN MAX(applied_credits, ?) ELSE applied_credits END "
+                        "applied_work = CASE WHEN ? THEN MAX(applied_work, ?) ELSE applied_work END "
                         "WHERE session_id = ? AND submitted_seq <= ?",
-                        (a.seq, a.outcome, now, a.outcome == APPLIED, a.credits, a.session_id, a.seq),
+                        (a.seq, a.outcome, now, a.outcome == APPLIED, a.work, a.session_id, a.seq),
                     )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -115,18 +133,18 @@ class ReceiptOutbox:
                 raise
 
     def pending_count(self) -> int:
-        """Receipts not yet applied by the ledger (waiting, or refused for want of credits)."""
+        """Receipts not yet applied by the ledger (waiting, refused for want of credits, or deferred)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(*) FROM receipts WHERE seq > submitted_seq OR outcome = ?", (INSUFFICIENT,)
+                "SELECT COUNT(*) FROM receipts WHERE seq > submitted_seq OR outcome IN (?, ?)", _RETRIED
             ).fetchone()
         return int(row[0])
 
-    def unsettled_credits(self, client: str) -> int:
-        """Credits `client` owes this node by receipts the ledger has not applied (rejected ones excluded)."""
+    def unsettled_work(self, client: str) -> int:
+        """Work units `client` owes this node by receipts the ledger has not applied (rejected ones excluded)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT COALESCE(SUM(credits - applied_credits), 0) FROM receipts WHERE client = ? AND outcome != ?",
+                "SELECT COALESCE(SUM(work - applied_work), 0) FROM receipts WHERE client = ? AND outcome != ?",
                 (client, REJECTED),
             ).fetchone()
         return int(row[0])

@@ -3,7 +3,7 @@
 Work is counted in parameter-tokens: tokens processed x parameters of the span that processed them, so a
 block of a 70B model earns more than a block of a 135M one. SmolLM2-135M has 30 blocks of 3,540,096
 parameters (106,202,880 in all), so one token through every block is 106,202,880 parameter-tokens, about
-1.06 credits. Receipts are cumulative, so fractions of a credit carry over to the next step instead of being lost.
+1.06 credits. The ledger moves exactly the work receipted, in these units: nothing is rounded away.
 """
 
 from __future__ import annotations
@@ -12,19 +12,21 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hivegen.credits.identity import PUBLIC_KEY_PATTERN, Identity, account_of, is_account, verify_signature
+from hivegen.credits.identity import Identity, account_of, is_account, is_public_key, verify_signature
+from hivegen.credits.units import WORK_UNITS_PER_CREDIT as WORK_UNITS_PER_CREDIT
 from hivegen.errors import ForgedReceiptError
 from hivegen.store.encoding import canonical_bytes
-
-WORK_UNITS_PER_CREDIT = 100_000_000
-"""One credit is 10^8 parameter-tokens of work: about one token through all of SmolLM2-135M's blocks."""
 
 MAX_COUNTER = 2**62
 """Upper bound of seq and work, so both fit a SQLite INTEGER with room to spare."""
 
 INSUFFICIENT_CREDITS = "insufficient-credits"
 """Value of a node's `hivegen-error` trailing metadata when it refuses a session for want of credits; the
-`hivegen-account`, `hivegen-balance` and `hivegen-needed` keys carry the figures."""
+`hivegen-account`, `hivegen-balance` and `hivegen-needed` keys carry the figures (work units)."""
+
+GRANT_PROOF_NEEDED = "grant-proof-needed"
+"""Value of `hivegen-error` when a new account must show a proof of work for its starter grant first; the
+`hivegen-grant-units`, `hivegen-grant-bits` and `hivegen-grant-salt` keys carry the ledger's policy."""
 
 MAX_ID_CHARS = 256
 RECEIPT_KIND = "hivegen.receipt"
@@ -48,11 +50,6 @@ class Receipt:
     def payload(self) -> bytes:
         """The bytes the client signs: canonical JSON of the fields, tagged so no other message can match them."""
         return canonical_bytes({"kind": RECEIPT_KIND, "v": RECEIPT_VERSION, **asdict(self)})
-
-    @property
-    def credits(self) -> int:
-        """Whole credits the cumulative work is worth."""
-        return self.work // WORK_UNITS_PER_CREDIT
 
 
 @dataclass(frozen=True)
@@ -123,7 +120,7 @@ def _field_problem(r: Receipt) -> str | None:
     for name in ("client", "node"):
         if not is_account(getattr(r, name)):
             return f"{name} must be an account ('hg' + 40 lowercase hex characters)"
-    if not isinstance(r.client_key, str) or not PUBLIC_KEY_PATTERN.fullmatch(r.client_key):
+    if not is_public_key(r.client_key):
         return "client_key must be 64 lowercase hex characters"
     for name, low in (("seq", 1), ("work", 0)):
         value = getattr(r, name)

@@ -11,7 +11,6 @@ moment still holds, and later submits, every receipt it acted on.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,11 +18,12 @@ from dataclasses import dataclass, field
 import grpc
 
 from hivegen.coordinator.client import CoordinatorUnreachable, LedgerClient
-from hivegen.coordinator.ledger_service import receipt_from_proto
+from hivegen.coordinator.ledger_service import grant_proof_metadata, receipt_from_proto
 from hivegen.credits.identity import Identity, account_of, is_account
-from hivegen.credits.outbox import APPLIED, INSUFFICIENT, REJECTED, Answer, ReceiptOutbox
+from hivegen.credits.outbox import APPLIED, DEFERRED, INSUFFICIENT, REJECTED, Answer, ReceiptOutbox
 from hivegen.credits.receipts import INSUFFICIENT_CREDITS, WORK_UNITS_PER_CREDIT, verify_receipt
-from hivegen.errors import ForgedReceiptError, HivegenError, InsufficientCredits
+from hivegen.credits.units import format_credits
+from hivegen.errors import ForgedReceiptError, GrantProofNeeded, HivegenError, InsufficientCredits
 from hivegen.node.errors import RequestError
 from hivegen.proto import ledger_pb2
 
@@ -76,7 +76,7 @@ class Billing:
         self.model_key = model_key
         self.block_params = block_params
         self.unpaid_steps = unpaid_steps
-        self.unpaid_credits = unpaid_credits
+        self.unpaid_units = unpaid_credits * WORK_UNITS_PER_CREDIT
         self.balance_ttl = balance_ttl
         self.submit_interval = submit_interval
         self.ledger = LedgerClient(coordinator, timeout=ledger_timeout)
@@ -94,8 +94,21 @@ class Billing:
 
     # --- admission -------------------------------------------------------------------------------------------
 
-    def admit(self, session_id: str, client: str, client_key: str, start: int, end: int, tokens: int) -> PaidSession:
-        """Check that `client` can pay for up to `tokens` positions through [start, end); refuse before any work."""
+    def admit(
+        self,
+        session_id: str,
+        client: str,
+        client_key: str,
+        start: int,
+        end: int,
+        tokens: int,
+        ledger_open: ledger_pb2.AccountRequest | None = None,
+    ) -> PaidSession:
+        """Check that `client` can pay for up to `tokens` positions through [start, end); refuse before any work.
+
+        Only the client may read its balance: `ledger_open` is its signed OpenAccount call, which the node
+        forwards to the ledger when its cached balance is stale.
+        """
         if not client or not client_key:
             raise RequestError(
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -111,9 +124,9 @@ class Billing:
         if owner != client:
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, f"client_key does not own client_account {client}")
         params = self.params_per_token(start, end)
-        needed = math.ceil(tokens * params / WORK_UNITS_PER_CREDIT)
-        owed = self.outbox.unsettled_credits(client)
-        balance, online = self._balance(client, client_key)
+        needed = tokens * params
+        owed = self.outbox.unsettled_work(client)
+        balance, online = self._balance(client, client_key, ledger_open)
         if not online:
             self._admit_offline(client, balance is not None, owed, needed)
         if balance is not None and balance - owed < needed:
@@ -138,15 +151,18 @@ class Billing:
                 f"the coordinator {self.coordinator} is unreachable and this node has not served {client} before; "
                 "until it returns, this node serves only clients it knows",
             )
-        if owed + needed > self.unpaid_credits:
+        if owed + needed > self.unpaid_units:
             raise RequestError(
                 grpc.StatusCode.UNAVAILABLE,
-                f"the coordinator {self.coordinator} is unreachable and {client} already owes this node {owed} "
-                f"unsettled credits; this session may add {needed}, over the unpaid limit of {self.unpaid_credits}",
+                f"the coordinator {self.coordinator} is unreachable and {client} already owes this node "
+                f"{format_credits(owed)} unsettled credits; this session may add {format_credits(needed)}, over the "
+                f"unpaid limit of {format_credits(self.unpaid_units)}",
             )
-        logger.info("ledger unreachable; serving known client %s on credit (owes %d)", client, owed)
+        logger.info("ledger unreachable; serving known client %s on credit (owes %s)", client, format_credits(owed))
 
-    def _balance(self, client: str, client_key: str) -> tuple[int | None, bool]:
+    def _balance(
+        self, client: str, client_key: str, ledger_open: ledger_pb2.AccountRequest | None
+    ) -> tuple[int | None, bool]:
         """(the client's balance, whether the ledger is reachable). The balance is at most balance_ttl old
         while the ledger answers; while it does not, it is the last one seen (None for a client never seen)."""
         now = time.monotonic()
@@ -156,11 +172,22 @@ class Billing:
                 return cached[0], True
             retry = now >= self._ledger_down_until
         if retry:
+            if ledger_open is None or ledger_open.account != client or ledger_open.auth.public_key != client_key:
+                raise RequestError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"node {self.account} charges credits and only {client} may read its balance: open the session "
+                    "with ledger_open, your signed OpenAccount call for this account (hivegen's client sends it)",
+                )
             try:
-                # Opening is idempotent: a client new to the ledger gets its starter grant now.
-                balance = int(self.ledger.open_account(client, client_key).balance)
+                # Opening is idempotent: a client new to the ledger claims its starter grant now.
+                balance = int(self.ledger.forward_open(ledger_open).units)
             except CoordinatorUnreachable:
                 self._ledger_reachable(False)
+            except GrantProofNeeded as exc:
+                self._ledger_reachable(True)
+                refusal = f"InsufficientCredits: {exc}"
+                metadata = grant_proof_metadata(exc)
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, refusal, metadata=metadata) from exc
             except HivegenError as exc:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"cannot check {client}'s balance: {exc}") from exc
             else:
@@ -262,10 +289,13 @@ class Billing:
             elif result.error.startswith("insufficient"):
                 outcome = INSUFFICIENT
                 logger.warning("ledger refused receipt %s#%d: %s", result.session_id, result.seq, result.error)
+            elif result.error.startswith("unannounced"):
+                outcome = DEFERRED
+                logger.warning("ledger deferred receipt %s#%d: %s", result.session_id, result.seq, result.error)
             else:
                 outcome = REJECTED
                 logger.error("ledger rejected receipt %s#%d: %s", result.session_id, result.seq, result.error)
-            answers.append(Answer(signed.receipt.session_id, signed.receipt.seq, signed.receipt.credits, outcome))
+            answers.append(Answer(signed.receipt.session_id, signed.receipt.seq, signed.receipt.work, outcome))
         self.outbox.record(answers)
         with self._lock:  # the balances changed: fetch them again, but keep knowing these clients
             for signed in due:

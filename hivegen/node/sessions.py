@@ -104,8 +104,9 @@ class SessionManager:
         needed = req.batch_size * req.max_length
         paid = None
         if self.billing is not None:  # before any cache is reserved or work done
+            ledger_open = req.ledger_open if req.HasField("ledger_open") else None
             paid = self.billing.admit(
-                req.session_id, req.client_account, req.client_key, req.start_block, req.end_block, needed
+                req.session_id, req.client_account, req.client_key, req.start_block, req.end_block, needed, ledger_open
             )
         with self._lock:
             if req.session_id in self._sessions:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cledger.proto\x12\x07hivegen\"\x90\x01\n\x07Receipt\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x12\n\nclient_key\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x11\n\tmodel_key\x18\x05 \x01(\t\x12\x0b\n\x03seq\x18\x06 \x01(\x04\x12\x0c\n\x04work\x18\x07 \x01(\x04\x12\x11\n\tsignature\x18\x08 \x01(\t\"3\n\rSubmitRequest\x12\"\n\x08receipts\x18\x01 \x03(\x0b\x32\x10.hivegen.Receipt\"S\n\x0cSubmitResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x13\n\x0btransferred\x18\x03 \x01(\x03\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"8\n\x0eSubmitResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.hivegen.SubmitResult\"5\n\x0e\x41\x63\x63ountRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\":\n\x07\x42\x61lance\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\r\n\x05known\x18\x03 \x01(\x08\"0\n\x0eHistoryRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x8e\x01\n\x0cJournalEntry\x12\x0b\n\x03row\x18\x01 \x01(\x04\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0b\n\x03src\x18\x04 \x01(\t\x12\x0b\n\x03\x64st\x18\x05 \x01(\t\x12\x0e\n\x06\x61mount\x18\x06 \x01(\x03\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x0b\n\x03seq\x18\x08 \x01(\x04\x12\x0c\n\x04hash\x18\t \x01(\t\"9\n\x0fHistoryResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.hivegen.JournalEntry\"\x1b\n\nTopRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"+\n\x08TopEntry\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0e\n\x06\x65\x61rned\x18\x02 \x01(\x03\"1\n\x0bTopResponse\x12\"\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x11.hivegen.TopEntry\"\x0f\n\rVerifyRequest\">\n\x0eVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07\x62\x61\x64_row\x18\x02 \x01(\x04\x12\x0f\n\x07message\x18\x03 \x01(\t2\xe8\x02\n\x06Ledger\x12\x39\n\x06Submit\x12\x16.hivegen.SubmitRequest\x1a\x17.hivegen.SubmitResponse\x12\x37\n\nGetBalance\x12\x17.hivegen.AccountRequest\x1a\x10.hivegen.Balance\x12\x38\n\x0bOpenAccount\x12\x17.hivegen.AccountRequest\x1a\x10.hivegen.Balance\x12<\n\x07History\x12\x17.hivegen.HistoryRequest\x1a\x18.hivegen.HistoryResponse\x12\x30\n\x03Top\x12\x13.hivegen.TopRequest\x1a\x14.hivegen.TopResponse\x12@\n\rVerifyJournal\x12\x16.hivegen.VerifyRequest\x1a\x17.hivegen.VerifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cledger.proto\x12\x07hivegen\"\x90\x01\n\x07Receipt\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x12\n\nclient_key\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x11\n\tmodel_key\x18\x05 \x01(\t\x12\x0b\n\x03seq\x18\x06 \x01(\x04\x12\x0c\n\x04work\x18\x07 \x01(\x04\x12\x11\n\tsignature\x18\x08 \x01(\t\"3\n\rSubmitRequest\x12\"\n\x08receipts\x18\x01 \x03(\x0b\x32\x10.hivegen.Receipt\"Y\n\x0cSubmitResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x19\n\x11transferred_units\x18\x03 \x01(\x03\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"8\n\x0eSubmitResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.hivegen.SubmitResult\"`\n\x08\x43\x61llAuth\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x04\x12\r\n\x05nonce\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\t\"W\n\x0e\x41\x63\x63ountRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x1f\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x11.hivegen.CallAuth\x12\x13\n\x0bgrant_proof\x18\x03 \x01(\x04\"8\n\x07\x42\x61lance\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\r\n\x05known\x18\x03 \x01(\x08\"Q\n\x0eHistoryRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x1f\n\x04\x61uth\x18\x03 \x01(\x0b\x32\x11.hivegen.CallAuth\"\x8d\x01\n\x0cJournalEntry\x12\x0b\n\x03row\x18\x01 \x01(\x04\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0b\n\x03src\x18\x04 \x01(\t\x12\x0b\n\x03\x64st\x18\x05 \x01(\t\x12\r\n\x05units\x18\x06 \x01(\x03\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x0b\n\x03seq\x18\x08 \x01(\x04\x12\x0c\n\x04hash\x18\t \x01(\t\"9\n\x0fHistoryResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.hivegen.JournalEntry\"\x1b\n\nTopRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"1\n\x08TopEntry\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x14\n\x0c\x65\x61rned_units\x18\x02 \x01(\x03\"1\n\x0bTopResponse\x12\"\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x11.hivegen.TopEntry\"\x0f\n\rVerifyRequest\"s\n\x0eVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07\x62\x61\x64_row\x18\x02 \x01(\x04\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x04\x12\x11\n\thead_hash\x18\x05 \x01(\t\x12\x12\n\nchecked_at\x18\x06 \x01(\x01\"\x14\n\x12GrantPolicyRequest\"D\n\x0bGrantPolicy\x12\x13\n\x0bgrant_units\x18\x01 \x01(\x03\x12\x12\n\nproof_bits\x18\x02 \x01(\r\x12\x0c\n\x04salt\x18\x03 \x01(\t2\xad\x03\n\x06Ledger\x12\x39\n\x06Submit\x12\x16.hivegen.SubmitRequest\x1a\x17.hivegen.SubmitResponse\x12\x37\n\nGetBalance\x12\x17.hivegen.AccountRequest\x1a\x10.hivegen.Balance\x12\x38\n\x0bOpenAccount\x12\x17.hivegen.AccountRequest\x1a\x10.hivegen.Balance\x12<\n\x07History\x12\x17.hivegen.HistoryRequest\x1a\x18.hivegen.HistoryResponse\x12\x30\n\x03Top\x12\x13.hivegen.TopRequest\x1a\x14.hivegen.TopResponse\x12@\n\rVerifyJournal\x12\x16.hivegen.VerifyRequest\x1a\x17.hivegen.VerifyResponse\x12\x43\n\x0eGetGrantPolicy\x12\x1b.hivegen.GrantPolicyRequest\x1a\x14.hivegen.GrantPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREQUEST']._serialized_start=172
   _globals['_SUBMITREQUEST']._serialized_end=223
   _globals['_SUBMITRESULT']._serialized_start=225
-  _globals['_SUBMITRESULT']._serialized_end=308
-  _globals['_SUBMITRESPONSE']._serialized_start=310
-  _globals['_SUBMITRESPONSE']._serialized_end=366
-  _globals['_ACCOUNTREQUEST']._serialized_start=368
-  _globals['_ACCOUNTREQUEST']._serialized_end=421
-  _globals['_BALANCE']._serialized_start=423
-  _globals['_BALANCE']._serialized_end=481
-  _globals['_HISTORYREQUEST']._serialized_start=483
-  _globals['_HISTORYREQUEST']._serialized_end=531
-  _globals['_JOURNALENTRY']._serialized_start=534
-  _globals['_JOURNALENTRY']._serialized_end=676
-  _globals['_HISTORYRESPONSE']._serialized_start=678
-  _globals['_HISTORYRESPONSE']._serialized_end=735
-  _globals['_TOPREQUEST']._serialized_start=737
-  _globals['_TOPREQUEST']._serialized_end=764
-  _globals['_TOPENTRY']._serialized_start=766
-  _globals['_TOPENTRY']._serialized_end=809
-  _globals['_TOPRESPONSE']._serialized_start=811
-  _globals['_TOPRESPONSE']._serialized_end=860
-  _globals['_VERIFYREQUEST']._serialized_start=862
-  _globals['_VERIFYREQUEST']._serialized_end=877
-  _globals['_VERIFYRESPONSE']._serialized_start=879
-  _globals['_VERIFYRESPONSE']._serialized_end=941
-  _globals['_LEDGER']._serialized_start=944
-  _globals['_LEDGER']._serialized_end=1304
+  _globals['_SUBMITRESULT']._serialized_end=314
+  _globals['_SUBMITRESPONSE']._serialized_start=316
+  _globals['_SUBMITRESPONSE']._serialized_end=372
+  _globals['_CALLAUTH']._serialized_start=374
+  _globals['_CALLAUTH']._serialized_end=470
+  _globals['_ACCOUNTREQUEST']._serialized_start=472
+  _globals['_ACCOUNTREQUEST']._serialized_end=559
+  _globals['_BALANCE']._serialized_start=561
+  _globals['_BALANCE']._serialized_end=617
+  _globals['_HISTORYREQUEST']._serialized_start=619
+  _globals['_HISTORYREQUEST']._serialized_end=700
+  _globals['_JOURNALENTRY']._serialized_start=703
+  _globals['_JOURNALENTRY']._serialized_end=844
+  _globals['_HISTORYRESPONSE']._serialized_start=846
+  _globals['_HISTORYRESPONSE']._serialized_end=903
+  _globals['_TOPREQUEST']._serialized_start=905
+  _globals['_TOPREQUEST']._serialized_end=932
+  _globals['_TOPENTRY']._serialized_start=934
+  _globals['_TOPENTRY']._serialized_end=983
+  _globals['_TOPRESPONSE']._serialized_start=985
+  _globals['_TOPRESPONSE']._serialized_end=1034
+  _globals['_VERIFYREQUEST']._serialized_start=1036
+  _globals['_VERIFYREQUEST']._serialized_end=1051
+  _globals['_VERIFYRESPONSE']._serialized_start=1053
+  _globals['_VERIFYRESPONSE']._serialized_end=1168
+  _globals['_GRANTPOLICYREQUEST']._serialized_start=1170
+  _globals['_GRANTPOLICYREQUEST']._serialized_end=1190
+  _globals['_GRANTPOLICY']._serialized_start=1192
+  _globals['_GRANTPOLICY']._serialized_end=1260
+  _globals['_LEDGER']._serialized_start=1263
+  _globals['_LEDGER']._serialized_end=1692
 # @@protoc_insertion_point(module_scope)

@@ -33,16 +33,16 @@ class SubmitRequest(_message.Message):
     def __init__(self, receipts: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ...) -> None: ...
 
 class SubmitResult(_message.Message):
-    __slots__ = ("session_id", "seq", "transferred", "error")
+    __slots__ = ("session_id", "seq", "transferred_units", "error")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
-    TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERRED_UNITS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
-    transferred: int
+    transferred_units: int
     error: str
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., transferred: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., transferred_units: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("results",)
@@ -50,40 +50,58 @@ class SubmitResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[SubmitResult]
     def __init__(self, results: _Optional[_Iterable[_Union[SubmitResult, _Mapping]]] = ...) -> None: ...
 
-class AccountRequest(_message.Message):
-    __slots__ = ("account", "public_key")
+class CallAuth(_message.Message):
+    __slots__ = ("account", "public_key", "at_ms", "nonce", "signature")
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     account: str
     public_key: str
-    def __init__(self, account: _Optional[str] = ..., public_key: _Optional[str] = ...) -> None: ...
+    at_ms: int
+    nonce: str
+    signature: str
+    def __init__(self, account: _Optional[str] = ..., public_key: _Optional[str] = ..., at_ms: _Optional[int] = ..., nonce: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...
+
+class AccountRequest(_message.Message):
+    __slots__ = ("account", "auth", "grant_proof")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    GRANT_PROOF_FIELD_NUMBER: _ClassVar[int]
+    account: str
+    auth: CallAuth
+    grant_proof: int
+    def __init__(self, account: _Optional[str] = ..., auth: _Optional[_Union[CallAuth, _Mapping]] = ..., grant_proof: _Optional[int] = ...) -> None: ...
 
 class Balance(_message.Message):
-    __slots__ = ("account", "balance", "known")
+    __slots__ = ("account", "units", "known")
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
-    BALANCE_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     account: str
-    balance: int
+    units: int
     known: bool
-    def __init__(self, account: _Optional[str] = ..., balance: _Optional[int] = ..., known: _Optional[bool] = ...) -> None: ...
+    def __init__(self, account: _Optional[str] = ..., units: _Optional[int] = ..., known: _Optional[bool] = ...) -> None: ...
 
 class HistoryRequest(_message.Message):
-    __slots__ = ("account", "limit")
+    __slots__ = ("account", "limit", "auth")
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
     account: str
     limit: int
-    def __init__(self, account: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    auth: CallAuth
+    def __init__(self, account: _Optional[str] = ..., limit: _Optional[int] = ..., auth: _Optional[_Union[CallAuth, _Mapping]] = ...) -> None: ...
 
 class JournalEntry(_message.Message):
-    __slots__ = ("row", "at", "kind", "src", "dst", "amount", "session_id", "seq", "hash")
+    __slots__ = ("row", "at", "kind", "src", "dst", "units", "session_id", "seq", "hash")
     ROW_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
-    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
@@ -92,11 +110,11 @@ class JournalEntry(_message.Message):
     kind: str
     src: str
     dst: str
-    amount: int
+    units: int
     session_id: str
     seq: int
     hash: str
-    def __init__(self, row: _Optional[int] = ..., at: _Optional[float] = ..., kind: _Optional[str] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., amount: _Optional[int] = ..., session_id: _Optional[str] = ..., seq: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
+    def __init__(self, row: _Optional[int] = ..., at: _Optional[float] = ..., kind: _Optional[str] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., units: _Optional[int] = ..., session_id: _Optional[str] = ..., seq: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
 
 class HistoryResponse(_message.Message):
     __slots__ = ("entries",)
@@ -111,12 +129,12 @@ class TopRequest(_message.Message):
     def __init__(self, limit: _Optional[int] = ...) -> None: ...
 
 class TopEntry(_message.Message):
-    __slots__ = ("account", "earned")
+    __slots__ = ("account", "earned_units")
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
-    EARNED_FIELD_NUMBER: _ClassVar[int]
+    EARNED_UNITS_FIELD_NUMBER: _ClassVar[int]
     account: str
-    earned: int
-    def __init__(self, account: _Optional[str] = ..., earned: _Optional[int] = ...) -> None: ...
+    earned_units: int
+    def __init__(self, account: _Optional[str] = ..., earned_units: _Optional[int] = ...) -> None: ...
 
 class TopResponse(_message.Message):
     __slots__ = ("entries",)
@@ -129,11 +147,31 @@ class VerifyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("ok", "bad_row", "message")
+    __slots__ = ("ok", "bad_row", "message", "rows", "head_hash", "checked_at")
     OK_FIELD_NUMBER: _ClassVar[int]
     BAD_ROW_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_AT_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     bad_row: int
     message: str
-    def __init__(self, ok: _Optional[bool] = ..., bad_row: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    rows: int
+    head_hash: str
+    checked_at: float
+    def __init__(self, ok: _Optional[bool] = ..., bad_row: _Optional[int] = ..., message: _Optional[str] = ..., rows: _Optional[int] = ..., head_hash: _Optional[str] = ..., checked_at: _Optional[float] = ...) -> None: ...
+
+class GrantPolicyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GrantPolicy(_message.Message):
+    __slots__ = ("grant_units", "proof_bits", "salt")
+    GRANT_UNITS_FIELD_NUMBER: _ClassVar[int]
+    PROOF_BITS_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    grant_units: int
+    proof_bits: int
+    salt: str
+    def __init__(self, grant_units: _Optional[int] = ..., proof_bits: _Optional[int] = ..., salt: _Optional[str] = ...) -> None: ...

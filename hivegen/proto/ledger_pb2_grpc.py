@@ -64,6 +64,11 @@ class LedgerStub:
                 request_serializer=ledger__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=ledger__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.GetGrantPolicy = channel.unary_unary(
+                '/hivegen.Ledger/GetGrantPolicy',
+                request_serializer=ledger__pb2.GrantPolicyRequest.SerializeToString,
+                response_deserializer=ledger__pb2.GrantPolicy.FromString,
+                _registered_method=True)
 
 
 class LedgerServicer:
@@ -105,6 +110,12 @@ class LedgerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetGrantPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_LedgerServicer_to_server(servicer, server):
                     servicer.VerifyJournal,
                     request_deserializer=ledger__pb2.VerifyRequest.FromString,
                     response_serializer=ledger__pb2.VerifyResponse.SerializeToString,
+            ),
+            'GetGrantPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGrantPolicy,
+                    request_deserializer=ledger__pb2.GrantPolicyRequest.FromString,
+                    response_serializer=ledger__pb2.GrantPolicy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class Ledger:
             '/hivegen.Ledger/VerifyJournal',
             ledger__pb2.VerifyRequest.SerializeToString,
             ledger__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGrantPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivegen.Ledger/GetGrantPolicy',
+            ledger__pb2.GrantPolicyRequest.SerializeToString,
+            ledger__pb2.GrantPolicy.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import ledger_pb2 as ledger__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nnode.proto\x12\x07hivegen\x1a\x0cledger.proto\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xb0\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tmodel_key\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x16\n\x0e\x63lient_account\x18\x07 \x01(\t\x12\x12\n\nclient_key\x18\x08 \x01(\t\"\xc6\x01\n\x04Step\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12&\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0f.hivegen.Tensor\x12%\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x0f.hivegen.Tensor\x12\'\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x0f.hivegen.Tensor\x12!\n\x07receipt\x18\x06 \x01(\x0b\x32\x10.hivegen.Receipt\"?\n\x06Settle\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x07receipt\x18\x02 \x01(\x0b\x32\x10.hivegen.Receipt\"\x82\x01\n\x10InferenceRequest\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.hivegen.OpenSessionH\x00\x12\x1d\n\x04step\x18\x02 \x01(\x0b\x32\r.hivegen.StepH\x00\x12!\n\x06settle\x18\x03 \x01(\x0b\x32\x0f.hivegen.SettleH\x00\x42\x06\n\x04kind\"\x9c\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0cnode_account\x18\x05 \x01(\t\x12\x18\n\x10params_per_token\x18\x06 \x01(\x04\x12\x10\n\x08node_key\x18\x07 \x01(\t\"*\n\x07Settled\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\x85\x01\n\nStepResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12&\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0f.hivegen.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x12\x11\n\tsignature\x18\x05 \x01(\t\"\x91\x01\n\x11InferenceResponse\x12(\n\x06opened\x18\x01 \x01(\x0b\x32\x16.hivegen.SessionOpenedH\x00\x12%\n\x06result\x18\x02 \x01(\x0b\x32\x13.hivegen.StepResultH\x00\x12#\n\x07settled\x18\x03 \x01(\x0b\x32\x10.hivegen.SettledH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"y\n\x0cNodeCounters\x12\x17\n\x0fsessions_opened\x18\x01 \x01(\x04\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x18\n\x10tokens_processed\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\"\xef\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tmodel_key\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x13\n\x0bstart_block\x18\x04 \x01(\r\x12\x11\n\tend_block\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x1a\n\x12\x63\x61\x63he_tokens_total\x18\t \x01(\x04\x12\x19\n\x11\x63\x61\x63he_tokens_free\x18\n \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0b \x01(\r\x12\'\n\x08\x63ounters\x18\x0c \x01(\x0b\x32\x15.hivegen.NodeCounters\x12\x16\n\x0enum_parameters\x18\r \x01(\x04\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x0f \x01(\t\x12\x18\n\x10receipts_pending\x18\x10 \x01(\x04\x32\x7f\n\x04Node\x12\x46\n\tInference\x12\x19.hivegen.InferenceRequest\x1a\x1a.hivegen.InferenceResponse(\x01\x30\x01\x12/\n\x04Info\x12\x14.hivegen.InfoRequest\x1a\x11.hivegen.NodeInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nnode.proto\x12\x07hivegen\x1a\x0cledger.proto\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xde\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tmodel_key\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x16\n\x0e\x63lient_account\x18\x07 \x01(\t\x12\x12\n\nclient_key\x18\x08 \x01(\t\x12,\n\x0bledger_open\x18\t \x01(\x0b\x32\x17.hivegen.AccountRequest\"\xc6\x01\n\x04Step\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12&\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0f.hivegen.Tensor\x12%\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x0f.hivegen.Tensor\x12\'\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x0f.hivegen.Tensor\x12!\n\x07receipt\x18\x06 \x01(\x0b\x32\x10.hivegen.Receipt\"?\n\x06Settle\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x07receipt\x18\x02 \x01(\x0b\x32\x10.hivegen.Receipt\"\x82\x01\n\x10InferenceRequest\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.hivegen.OpenSessionH\x00\x12\x1d\n\x04step\x18\x02 \x01(\x0b\x32\r.hivegen.StepH\x00\x12!\n\x06settle\x18\x03 \x01(\x0b\x32\x0f.hivegen.SettleH\x00\x42\x06\n\x04kind\"\x9c\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0cnode_account\x18\x05 \x01(\t\x12\x18\n\x10params_per_token\x18\x06 \x01(\x04\x12\x10\n\x08node_key\x18\x07 \x01(\t\"*\n\x07Settled\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\x85\x01\n\nStepResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12&\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0f.hivegen.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x12\x11\n\tsignature\x18\x05 \x01(\t\"\x91\x01\n\x11InferenceResponse\x12(\n\x06opened\x18\x01 \x01(\x0b\x32\x16.hivegen.SessionOpenedH\x00\x12%\n\x06result\x18\x02 \x01(\x0b\x32\x13.hivegen.StepResultH\x00\x12#\n\x07settled\x18\x03 \x01(\x0b\x32\x10.hivegen.SettledH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"y\n\x0cNodeCounters\x12\x17\n\x0fsessions_opened\x18\x01 \x01(\x04\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x18\n\x10tokens_processed\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\"\xef\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tmodel_key\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x13\n\x0bstart_block\x18\x04 \x01(\r\x12\x11\n\tend_block\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x1a\n\x12\x63\x61\x63he_tokens_total\x18\t \x01(\x04\x12\x19\n\x11\x63\x61\x63he_tokens_free\x18\n \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0b \x01(\r\x12\'\n\x08\x63ounters\x18\x0c \x01(\x0b\x32\x15.hivegen.NodeCounters\x12\x16\n\x0enum_parameters\x18\r \x01(\x04\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x0f \x01(\t\x12\x18\n\x10receipts_pending\x18\x10 \x01(\x04\x32\x7f\n\x04Node\x12\x46\n\tInference\x12\x19.hivegen.InferenceRequest\x1a\x1a.hivegen.InferenceResponse(\x01\x30\x01\x12/\n\x04Info\x12\x14.hivegen.InfoRequest\x1a\x11.hivegen.NodeInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,27 +35,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=89
   _globals['_OPENSESSION']._serialized_start=92
-  _globals['_OPENSESSION']._serialized_end=268
-  _globals['_STEP']._serialized_start=271
-  _globals['_STEP']._serialized_end=469
-  _globals['_SETTLE']._serialized_start=471
-  _globals['_SETTLE']._serialized_end=534
-  _globals['_INFERENCEREQUEST']._serialized_start=537
-  _globals['_INFERENCEREQUEST']._serialized_end=667
-  _globals['_SESSIONOPENED']._serialized_start=670
-  _globals['_SESSIONOPENED']._serialized_end=826
-  _globals['_SETTLED']._serialized_start=828
-  _globals['_SETTLED']._serialized_end=870
-  _globals['_STEPRESULT']._serialized_start=873
-  _globals['_STEPRESULT']._serialized_end=1006
-  _globals['_INFERENCERESPONSE']._serialized_start=1009
-  _globals['_INFERENCERESPONSE']._serialized_end=1154
-  _globals['_INFOREQUEST']._serialized_start=1156
-  _globals['_INFOREQUEST']._serialized_end=1169
-  _globals['_NODECOUNTERS']._serialized_start=1171
-  _globals['_NODECOUNTERS']._serialized_end=1292
-  _globals['_NODEINFO']._serialized_start=1295
-  _globals['_NODEINFO']._serialized_end=1662
-  _globals['_NODE']._serialized_start=1664
-  _globals['_NODE']._serialized_end=1791
+  _globals['_OPENSESSION']._serialized_end=314
+  _globals['_STEP']._serialized_start=317
+  _globals['_STEP']._serialized_end=515
+  _globals['_SETTLE']._serialized_start=517
+  _globals['_SETTLE']._serialized_end=580
+  _globals['_INFERENCEREQUEST']._serialized_start=583
+  _globals['_INFERENCEREQUEST']._serialized_end=713
+  _globals['_SESSIONOPENED']._serialized_start=716
+  _globals['_SESSIONOPENED']._serialized_end=872
+  _globals['_SETTLED']._serialized_start=874
+  _globals['_SETTLED']._serialized_end=916
+  _globals['_STEPRESULT']._serialized_start=919
+  _globals['_STEPRESULT']._serialized_end=1052
+  _globals['_INFERENCERESPONSE']._serialized_start=1055
+  _globals['_INFERENCERESPONSE']._serialized_end=1200
+  _globals['_INFOREQUEST']._serialized_start=1202
+  _globals['_INFOREQUEST']._serialized_end=1215
+  _globals['_NODECOUNTERS']._serialized_start=1217
+  _globals['_NODECOUNTERS']._serialized_end=1338
+  _globals['_NODEINFO']._serialized_start=1341
+  _globals['_NODEINFO']._serialized_end=1708
+  _globals['_NODE']._serialized_start=1710
+  _globals['_NODE']._serialized_end=1837
 # @@protoc_insertion_point(module_scope)

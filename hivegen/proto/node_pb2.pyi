@@ -18,7 +18,7 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "model_key", "start_block", "end_block", "max_length", "batch_size", "client_account", "client_key")
+    __slots__ = ("session_id", "model_key", "start_block", "end_block", "max_length", "batch_size", "client_account", "client_key", "ledger_open")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_KEY_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class OpenSession(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_OPEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model_key: str
     start_block: int
@@ -35,7 +36,8 @@ class OpenSession(_message.Message):
     batch_size: int
     client_account: str
     client_key: str
-    def __init__(self, session_id: _Optional[str] = ..., model_key: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., client_account: _Optional[str] = ..., client_key: _Optional[str] = ...) -> None: ...
+    ledger_open: _ledger_pb2.AccountRequest
+    def __init__(self, session_id: _Optional[str] = ..., model_key: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., client_account: _Optional[str] = ..., client_key: _Optional[str] = ..., ledger_open: _Optional[_Union[_ledger_pb2.AccountRequest, _Mapping]] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("session_id", "step_id", "hidden_states", "position_ids", "attention_mask", "receipt")
