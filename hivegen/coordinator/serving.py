@@ -17,6 +17,7 @@ from hivegen.dht import fetch_models, fetch_spans
 from hivegen.dht.signing import split_owned
 
 logger = logging.getLogger(__name__)
+LOOKUP_TIMEOUT_S = 5.0  # a slow DHT delays receipts this long at most (they are retried)
 
 
 class ServingAccounts:
@@ -48,12 +49,13 @@ class ServingAccounts:
     def _lookup(self, model_key: str, now: float) -> frozenset[str]:
         try:
             if model_key not in self._models[1] and now - self._models[0] >= self.recheck:
-                self._models = (now, {key: info.num_blocks for key, info in fetch_models(self.dht).items()})
+                models = fetch_models(self.dht, timeout=LOOKUP_TIMEOUT_S)
+                self._models = (now, {key: info.num_blocks for key, info in models.items()})
             num_blocks = self._models[1].get(model_key)
             if num_blocks is None:
                 return frozenset()
             accounts = set()
-            for record in fetch_spans(self.dht, model_key, num_blocks).values():
+            for record in fetch_spans(self.dht, model_key, num_blocks, timeout=LOOKUP_TIMEOUT_S).values():
                 owned = split_owned(record.node_id)
                 if owned is not None:
                     accounts.add(account_of(owned[1]))

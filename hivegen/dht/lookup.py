@@ -12,19 +12,21 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from hivegen.dht.records import SpanRecord, block_key
 from hivegen.dht.signing import dht_key_id, verify_value
-from hivegen.dht.swarm import run_on_dht
+from hivegen.dht.swarm import DHT_CALL_TIMEOUT, run_on_dht
 
 logger = logging.getLogger(__name__)
 
 
-def fetch_spans(dht: hivemind.DHT, model_key: str, num_blocks: int) -> dict[str, SpanRecord]:
+def fetch_spans(
+    dht: hivemind.DHT, model_key: str, num_blocks: int, timeout: float = DHT_CALL_TIMEOUT
+) -> dict[str, SpanRecord]:
     """node_id -> latest online, unexpired record among all block keys of the model (one DHT round).
 
     Every entry's owner signature is checked here too, so the answer can be trusted even from a DHT peer
-    started without the validator; entries that fail are skipped.
+    started without the validator; entries that fail are skipped. Raises SwarmError if the DHT does not answer
+    within `timeout` seconds.
     """
-    keys = [block_key(model_key, block) for block in range(num_blocks)]
-    found = run_on_dht(dht, partial(get_entries, keys=keys))
+    found = run_on_dht(dht, partial(get_block_entries, model_key=model_key, num_blocks=num_blocks), timeout=timeout)
     now = get_dht_time()
     latest: dict[str, tuple[float, SpanRecord]] = {}
     for key, entries in found.items():
@@ -59,6 +61,15 @@ def missing_blocks(spans: Iterable[SpanRecord], num_blocks: int) -> list[int]:
             for block in range(max(span.start, 0), min(span.end, num_blocks)):
                 covered[block] = True
     return [block for block, ok in enumerate(covered) if not ok]
+
+
+async def get_block_entries(
+    _dht: Any, node: Any, *, model_key: str, num_blocks: int
+) -> dict[str, list[tuple[Any, Any, float]] | None]:
+    """get_entries for every block key of a model, the keys built in the DHT process: hivemind's pipe into that
+    process drops (and can die on) a message larger than the OS pipe buffer (64 KiB), which a list of 1024 long
+    keys is, so only the model key and block count cross it."""
+    return await get_entries(_dht, node, keys=[block_key(model_key, block) for block in range(num_blocks)])
 
 
 async def get_entries(_dht: Any, node: Any, *, keys: list[str]) -> dict[str, list[tuple[Any, Any, float]] | None]:

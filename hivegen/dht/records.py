@@ -13,6 +13,11 @@ STATES = ("online", "offline")
 DTYPES = ("float32", "float16", "bfloat16")  # what blocks may run in: hidden states are floating point
 # The peer-id part of a node id: base58 in practice; it only tells one owner's nodes apart (the key is what counts).
 _PEER_PART = re.compile(r"^[A-Za-z0-9]{1,128}$")
+# Strangers write these strings and the status page and CLI show them: short, printable ASCII, no spaces.
+MAX_ADDRESS_CHARS = 262  # "host:port": a DNS name is at most 253 characters, a port 5
+MAX_VERSION_CHARS = 64
+_ADDRESS = re.compile(rf"^[\x21-\x7e]{{3,{MAX_ADDRESS_CHARS}}}$")
+_VERSION = re.compile(rf"^[\x21-\x7e]{{0,{MAX_VERSION_CHARS}}}$")
 
 
 def block_key(model_key: str, block: int) -> str:
@@ -45,6 +50,11 @@ class SpanRecord:
             raise ValueError(f"span record has throughput {self.throughput}; it must be a positive number")
         if self.cache_tokens_free < 0:
             raise ValueError(f"span record has negative cache_tokens_free {self.cache_tokens_free}")
+        if not isinstance(self.version, str) or not _VERSION.fullmatch(self.version):
+            raise ValueError(
+                f"span record version {str(self.version)[:80]!r} is not printable ASCII of at most {MAX_VERSION_CHARS} "
+                "characters"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"span record has dtype {self.dtype!r}; blocks run in one of {DTYPES}")
         if self.state not in STATES:
@@ -114,12 +124,18 @@ def _check_node_id(node_id: object) -> None:
     parts = split_owned(node_id)
     if parts is None or not _PEER_PART.fullmatch(parts[0]):
         raise ValueError(
-            f"span record node_id {node_id!r} is not '<peer id>@<64 hex public key>'; build it with hivegen.dht.node_id"
+            f"span record node_id {str(node_id)[:200]!r} is not '<peer id>@<64 hex public key>'; "
+            "build it with hivegen.dht.node_id"
         )
 
 
 def _check_address(address: str) -> None:
-    """Reject anything that is not "host:port" with a port in 1..65535."""
+    """Reject anything that is not "host:port" with a port in 1..65535, in printable ASCII of bounded length."""
+    if not isinstance(address, str) or not _ADDRESS.fullmatch(address):
+        raise ValueError(
+            f"span record address {str(address)[:80]!r} is not host:port in printable ASCII of at most "
+            f"{MAX_ADDRESS_CHARS} characters"
+        )
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"span record address {address!r} is not host:port")
