@@ -33,6 +33,33 @@ def _blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: `kind` (int or float) of the text, which must be > 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated CIDR networks ('' for none), each checked."""
+    from hivegen.node.limits import parse_networks
+
+    specs = tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        parse_networks(specs)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return specs
+
+
 def _model_path(spec: str) -> Path:
     from hivegen.model.demo import resolve_model_path
 
@@ -57,6 +84,10 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
             coordinator=args.coordinator, identity=Path(args.identity) if args.identity else None,
             data=Path(args.data) if args.data else None, unpaid_steps=args.unpaid_steps,
             unpaid_credits=args.unpaid_credits, submit_interval=args.submit_interval,
+            open_timeout=args.open_timeout, session_idle_timeout=args.session_idle_timeout,
+            max_sessions_per_client=args.max_sessions_per_client,
+            max_cache_tokens_per_client=args.max_cache_tokens_per_client,
+            unlimited_networks=args.unlimited_networks,
         )
     )  # fmt: skip
     try:
@@ -320,6 +351,44 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-tokens", type=int, default=65536, help="KV-cache budget, tokens over all sessions")
     serve.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     serve.add_argument("--ready-file", help="write JSON here once serving and announced")
+    limits = serve.add_argument_group("limits", "keep one client (or a crowd of idle streams) from taking the node")
+    limits.add_argument(
+        "--open-timeout",
+        type=_positive(float),
+        default=10.0,
+        metavar="SECONDS",
+        help="close a stream that has not sent `open` this long after it started (default 10)",
+    )
+    limits.add_argument(
+        "--session-idle-timeout",
+        type=_positive(float),
+        default=60.0,
+        metavar="SECONDS",
+        help="close a session that sent nothing this long, freeing its cache (default 60)",
+    )
+    limits.add_argument(
+        "--max-sessions-per-client",
+        type=_positive(int),
+        default=16,
+        metavar="N",
+        help="open sessions one client may hold (default 16); a client is its account on a node "
+        "that charges credits, else its IP address (an IPv6 /64)",
+    )
+    limits.add_argument(
+        "--max-cache-tokens-per-client",
+        type=_positive(int),
+        metavar="TOKENS",
+        help="cache tokens (batch x max_length, over its sessions) one client may reserve "
+        "(default: half of --cache-tokens)",
+    )
+    limits.add_argument(
+        "--unlimited-networks",
+        type=_networks,
+        default="127.0.0.0/8,::1/128",
+        metavar="CIDR,...",
+        help="clients in these networks are not held to the per-client limits on a node that serves "
+        "for free (default: this machine, 127.0.0.0/8,::1/128; '' limits everyone)",
+    )
     paid = serve.add_argument_group("credits", "charge clients for the work served (needs --coordinator)")
     paid.add_argument("--coordinator", help="HOST:PORT of the coordinator's ledger; omit to serve for free")
     paid.add_argument("--identity", help="the node's key: signs its DHT records and answers, and is the account "

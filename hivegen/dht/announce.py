@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -52,7 +53,8 @@ def withdraw_span(dht: hivemind.DHT, model_key: str, record: SpanRecord, identit
 
 
 class Announcer:
-    """A daemon thread that re-announces a node's span (signed by `identity`) every `period` seconds until stopped."""
+    """A daemon thread that re-announces a node's span (signed by `identity`) every `period` seconds until stopped,
+    and soon after announce_now(), at most once every `min_interval` seconds however often it is asked."""
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class Announcer:
         ttl: float = 30.0,
         period: float | None = None,
         model: ModelInfo | None = None,
+        min_interval: float = 1.0,
     ) -> None:
         if ttl <= 0:
             raise ValueError(f"ttl must be positive, got {ttl}")
@@ -75,6 +78,8 @@ class Announcer:
         self.period = period if period is not None else ttl / 3
         if not 0 < self.period < ttl:
             raise ValueError(f"period must be in (0, ttl={ttl}), got {self.period}")
+        self.min_interval = min_interval  # between refreshes asked by announce_now: a burst is one refresh
+        self._last_refresh = float("-inf")  # time.monotonic() of the latest refresh
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._last: SpanRecord | None = None  # the record most recently announced, withdrawn on stop
@@ -86,7 +91,7 @@ class Announcer:
         self._thread.start()
 
     def announce_now(self) -> None:
-        """Ask the background thread to refresh at once (e.g. after free cache changed a lot)."""
+        """Ask the background thread to refresh soon (e.g. after free cache changed); cheap, never blocks."""
         self._wake.set()
 
     def stop(self, withdraw: bool = True) -> None:
@@ -105,12 +110,15 @@ class Announcer:
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._wake.wait(self.period)
+            # Coalesce a burst of announce_now() calls: what they ask for is in the record read after the pause.
+            self._stopping.wait(max(0.0, self._last_refresh + self.min_interval - time.monotonic()))
             self._wake.clear()
             if self._stopping.is_set():
                 break
             self._refresh()
 
     def _refresh(self) -> None:
+        self._last_refresh = time.monotonic()
         try:
             record = self.get_record()
             announce_span(self.dht, self.model_key, record, self.ttl, self.identity)

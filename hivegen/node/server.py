@@ -6,11 +6,9 @@ import logging
 import os
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import hivemind
 import torch
 
@@ -22,8 +20,10 @@ from hivegen.files import write_json_atomic
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.demo import hivegen_home
 from hivegen.model.span import BlockSpan
+from hivegen.node.aio_server import AioServer
 from hivegen.node.billing import Billing
-from hivegen.node.servicer import NodeServicer
+from hivegen.node.limits import LOOPBACK, ClientQuotas, parse_networks
+from hivegen.node.servicer import NodeServicer, StreamLimits
 from hivegen.node.sessions import SessionManager
 from hivegen.proto import node_pb2_grpc
 from hivegen.proto.options import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
@@ -49,7 +49,13 @@ class NodeConfig:
     cache_tokens: int = 65536  # KV-cache budget in tokens, summed over sessions (batch x max_length)
     announce_ttl: float = 30.0  # seconds a DHT record lives unless refreshed
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest gRPC message accepted or sent
-    max_workers: int = 64  # concurrent streams (each open session holds one)
+    max_workers: int = 16  # threads running steps (streams themselves hold none; forwards take turns anyway)
+    admission_workers: int = 8  # threads opening sessions (which may wait on the ledger) and settling them
+    open_timeout: float = 10.0  # seconds a new stream has to send `open` before it is closed
+    session_idle_timeout: float = 60.0  # seconds a session may go without a message before it is closed and freed
+    max_sessions_per_client: int = 16  # open sessions one client (account, else address) may hold
+    max_cache_tokens_per_client: int | None = None  # cache tokens one client may reserve; None: half of cache_tokens
+    unlimited_networks: tuple[str, ...] = LOOPBACK  # client networks the per-client limits spare (CIDR)
     ready_file: Path | None = None  # written as JSON once the node serves and is announced
     coordinator: str | None = None  # HOST:PORT of the ledger; set to charge credits for the work served
     identity: Path | None = None  # the node's key (default: $HIVEGEN_IDENTITY, else ~/.hivegen/identity)
@@ -65,7 +71,8 @@ class NodeServer:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.dht: hivemind.DHT | None = None
-        self.server: grpc.Server | None = None
+        self.server: AioServer | None = None
+        self.servicer: NodeServicer | None = None
         self.announcer: Announcer | None = None
         self.address = ""
         self.throughput = 0.0
@@ -88,24 +95,35 @@ class NodeServer:
             self.billing = self._billing(span)
         self.sessions = SessionManager(span, self.model_key, cfg.cache_tokens, self.billing)
         self.throughput = measure_throughput(span)
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="hivegen-rpc"),
+        client_tokens = cfg.max_cache_tokens_per_client
+        if client_tokens is None:
+            client_tokens = max(1, cfg.cache_tokens // 2)
+        servicer = NodeServicer(
+            self.sessions,
+            self.node_id(),
+            checkpoint.name,
+            checkpoint.num_blocks,
+            identity=self.identity,
+            quotas=ClientQuotas(cfg.max_sessions_per_client, client_tokens),
+            limits=StreamLimits(cfg.open_timeout, cfg.session_idle_timeout, parse_networks(cfg.unlimited_networks)),
+            step_workers=cfg.max_workers,
+            admission_workers=cfg.admission_workers,
+        )
+        self.servicer = servicer
+        # The event loop and every gRPC object are created now, in the server's thread: after the DHT forked.
+        self.server = AioServer(
+            f"{cfg.host}:{cfg.port}",
+            lambda server: node_pb2_grpc.add_NodeServicer_to_server(servicer, server),
             options=grpc_options(cfg.max_message_bytes),
         )
-        servicer = NodeServicer(
-            self.sessions, self.node_id(), checkpoint.name, checkpoint.num_blocks, identity=self.identity
-        )
-        node_pb2_grpc.add_NodeServicer_to_server(servicer, self.server)
-        port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        if port == 0:
-            raise OSError(f"cannot bind gRPC on {cfg.host}:{cfg.port}; is the port taken?")
-        self.server.start()
+        port = self.server.start()
         self.address = f"{cfg.host}:{port}"
         model = ModelInfo(self.model_key, checkpoint.name, checkpoint.num_blocks)
         self.announcer = Announcer(
             self.dht, self.model_key, self.record, self.identity, ttl=cfg.announce_ttl, model=model
         )
         self.announcer.start()
+        self.sessions.on_change = self.announcer.announce_now  # free cache changed: re-announce it (debounced)
         if self.billing is not None:
             self.billing.start()
         if cfg.ready_file is not None:
@@ -150,7 +168,9 @@ class NodeServer:
         if self.announcer is not None:
             self.announcer.stop(withdraw=True)
         if self.server is not None:
-            self.server.stop(grace=2.0).wait(5.0)
+            self.server.stop(grace=2.0)
+        if self.servicer is not None:
+            self.servicer.close()
         if self.billing is not None:
             self.billing.stop()  # one last submission; what is left waits in the outbox
         if self.dht is not None:

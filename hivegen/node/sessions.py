@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -70,6 +71,7 @@ class SessionManager:
         self._lock = threading.Lock()  # guards _sessions and counters
         self._compute = threading.Lock()  # one forward at a time: the span's device is shared
         self.max_positions = int(getattr(span.config, "max_position_embeddings", 1 << 20))
+        self.on_change: Callable[[], None] | None = None  # called when the free cache changes (re-announce it)
 
     @property
     def cache_tokens_free(self) -> int:
@@ -130,11 +132,18 @@ class SessionManager:
             )
             self._sessions[req.session_id] = session
             self.counters.sessions_opened += 1
+        self._changed()
         return session
 
     def close(self, session_id: str) -> None:
         with self._lock:
-            self._sessions.pop(session_id, None)
+            closed = self._sessions.pop(session_id, None)
+        if closed is not None:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def count_error(self) -> None:
         with self._lock:
