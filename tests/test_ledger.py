@@ -99,6 +99,14 @@ def test_a_client_that_never_opened_its_account_cannot_pay(tmp_path: Path) -> No
         ledger.apply_receipt(pay(ALICE, 1, 1))
 
 
+def test_a_proof_of_work_is_never_zero_which_means_none_on_the_wire() -> None:
+    salt = "s"
+    for key in (Identity.generate().public_key_hex for _ in range(300)):  # at 2 bits, 0 would win 1 time in 4
+        proof = solve_proof(salt, key, 2)
+        assert proof >= 1 and check_proof(salt, key, proof, 2)
+        assert not check_proof(salt, key, 0, 0)
+
+
 def test_a_nonce_is_accepted_once(ledger: Ledger) -> None:
     ledger.use_nonce("ab" * 16, time.time())
     with pytest.raises(CallRefused, match="replayed"):

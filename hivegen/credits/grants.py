@@ -46,7 +46,7 @@ def _zero_bits(digest: bytes, bits: int) -> bool:
 
 def check_proof(salt: str, public_key: str, proof: int, bits: int) -> bool:
     """Whether `proof` is a proof of `bits` bits for `public_key` at the ledger named by `salt`."""
-    if not 0 <= proof < 2**64:
+    if not 0 < proof < 2**64:  # 0 stands for "no proof" on the wire
         return False
     return _zero_bits(hashlib.sha256(_prefix(salt, public_key) + proof.to_bytes(8, "big")).digest(), bits)
 
@@ -56,10 +56,10 @@ class ProofTimeout(Exception):
 
 
 def solve_proof(salt: str, public_key: str, bits: int, timeout: float = 600.0) -> int:
-    """The smallest proof of `bits` bits for `public_key` at this ledger; ProofTimeout after `timeout` seconds."""
+    """The smallest proof (>= 1) of `bits` bits for `public_key` at this ledger; ProofTimeout after `timeout` s."""
     base = hashlib.sha256(_prefix(salt, public_key))
     deadline = time.monotonic() + timeout
-    for batch in range(0, 2**64, 65536):
+    for batch in range(1, 2**64, 65536):  # from 1: 0 stands for "no proof" on the wire
         for proof in range(batch, batch + 65536):
             h = base.copy()
             h.update(proof.to_bytes(8, "big"))
