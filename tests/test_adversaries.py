@@ -45,7 +45,10 @@ def model_path(tiny_model: TinyFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(model_path: Path, start_cluster: ClusterFactory) -> LocalCluster:
-    return start_cluster(model_path, spans=HONEST, coordinator=True)
+    # One account (the session's identity) runs every test's generations and checks here: the per-client limits
+    # are not what this module tests, so each client may use a whole node.
+    spare = ["--max-sessions-per-client", "1000", "--max-cache-tokens-per-client", "65536"]
+    return start_cluster(model_path, spans=HONEST, coordinator=True, node_args=spare)
 
 
 @pytest.fixture(scope="module")
