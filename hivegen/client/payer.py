@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from pathlib import Path
 
-from hivegen.coordinator.client import open_request
+from hivegen.coordinator.client import open_request, prove_grant
 from hivegen.coordinator.ledger_service import receipt_to_proto
-from hivegen.credits.grants import ProofTimeout, solve_proof
 from hivegen.credits.identity import Identity
 from hivegen.credits.receipts import Receipt, sign_receipt
-from hivegen.credits.units import format_credits
 from hivegen.errors import GrantProofNeeded
 from hivegen.proto import ledger_pb2
-
-logger = logging.getLogger(__name__)
-GRANT_PROOF_TIMEOUT_S = 600.0
 
 
 class Payer:
@@ -61,18 +54,8 @@ class Payer:
 
     def prove_grant(self, need: GrantProofNeeded) -> None:
         """Solve the proof of work a new account's starter grant asks for (once per ledger); the next
-        open_request carries it. Raises `need` if no proof is found in GRANT_PROOF_TIMEOUT_S."""
+        open_request carries it. Raises `need` if no proof is found in time."""
         with self._grant_lock:
             if self._grant_proof is not None and self._grant_proof[0] == need.salt:
                 return  # another session solved it meanwhile
-            logger.warning(
-                "claiming the starter grant of %s credits: solving a %d-bit proof of work (once per account)...",
-                format_credits(need.grant_units), need.bits,
-            )  # fmt: skip
-            began = time.perf_counter()
-            try:
-                proof = solve_proof(need.salt, self.identity.public_key_hex, need.bits, GRANT_PROOF_TIMEOUT_S)
-            except ProofTimeout as exc:
-                raise need from exc
-            logger.warning("proof of work found in %.1f s", time.perf_counter() - began)
-            self._grant_proof = (need.salt, proof)
+            self._grant_proof = (need.salt, prove_grant(need, self.identity))

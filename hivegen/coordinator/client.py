@@ -3,6 +3,8 @@ reports of lying nodes."""
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import TYPE_CHECKING
 
 import grpc
@@ -15,6 +17,9 @@ from hivegen.proto.options import grpc_options
 
 if TYPE_CHECKING:
     from hivegen.credits.identity import Identity
+
+logger = logging.getLogger(__name__)
+GRANT_PROOF_TIMEOUT_S = 600.0
 
 
 class CoordinatorUnreachable(HivegenError):
@@ -40,19 +45,31 @@ def grant_proof_needed(metadata: object) -> GrantProofNeeded | None:
         return None
 
 
-def open_account(ledger: LedgerClient, identity: Identity, solve_timeout: float = 600.0) -> int:
+def prove_grant(need: GrantProofNeeded, identity: Identity, timeout: float = GRANT_PROOF_TIMEOUT_S) -> int:
+    """Solve the proof of work `need` describes for the identity's key; raise `need` if none is found in time."""
+    from hivegen.credits.grants import ProofTimeout, solve_proof
+    from hivegen.credits.units import format_credits
+
+    logger.warning(
+        "claiming the starter grant of %s credits: solving a %d-bit proof of work (once per account)...",
+        format_credits(need.grant_units), need.bits,
+    )  # fmt: skip
+    began = time.perf_counter()
+    try:
+        proof = solve_proof(need.salt, identity.public_key_hex, need.bits, timeout)
+    except ProofTimeout as exc:
+        raise need from exc
+    logger.warning("proof of work found in %.1f s", time.perf_counter() - began)
+    return proof
+
+
+def open_account(ledger: LedgerClient, identity: Identity) -> int:
     """Open the identity's account, solving the starter grant's proof of work if the ledger asks; return the
     balance in work units."""
-    from hivegen.credits.grants import ProofTimeout, solve_proof
-
     try:
         return int(ledger.open_account(identity).units)
     except GrantProofNeeded as need:
-        try:
-            proof = solve_proof(need.salt, identity.public_key_hex, need.bits, solve_timeout)
-        except ProofTimeout as exc:
-            raise need from exc
-        return int(ledger.open_account(identity, proof).units)
+        return int(ledger.open_account(identity, prove_grant(need, identity)).units)
 
 
 class LedgerClient:
