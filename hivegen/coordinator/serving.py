@@ -41,9 +41,10 @@ class ServingAccounts:
         with self._lock:
             now = time.monotonic()
             cached = self._accounts.get(model_key)
-            fresh = cached is not None and now - cached[0] < self.ttl
-            if cached is not None and fresh and (account in cached[1] or now - cached[0] < self.recheck):
-                return account in cached[1]
+            if cached is not None and now - cached[0] < self.ttl:
+                when, accounts = cached
+                if account in accounts or now - when < self.recheck:
+                    return account in accounts
             return account in self._lookup(model_key, now)
 
     def _lookup(self, model_key: str, now: float) -> frozenset[str]:
