@@ -21,7 +21,7 @@ from hivegen.client.verify import Reporter, Verifier
 from hivegen.credits.identity import Identity
 from hivegen.errors import GenerationRetracted, VerificationError
 from hivegen.model.checkpoint import ModelCheckpoint
-from hivegen.model.head import ClientHead, position_ids_from_mask
+from hivegen.model.head import Blocks, ClientHead, position_ids_from_mask
 from hivegen.proto.tensors import dtype_from_name
 
 
@@ -280,7 +280,7 @@ class RemoteModelForCausalLM:
             input_ids = torch.cat([input_ids, generated.to(input_ids.dtype)], dim=1)
             mask = torch.cat([mask, torch.ones_like(generated, dtype=torch.int64)], dim=1)
         positions = position_ids_from_mask(mask)
-        hidden = self.head.embed(input_ids)
+        step_ids = input_ids
         step_mask = mask
         unfinished = torch.ones(batch, dtype=torch.bool)
         eos_tensor = torch.tensor(eos, dtype=torch.long)
@@ -289,8 +289,8 @@ class RemoteModelForCausalLM:
             self.last_route = session.route
             self.last_timings = session.timings
             for index in range(done, max_new_tokens):
-                out = session.step(hidden, positions, step_mask)
-                tokens = choose_next(self.head.logits(out), params, index).cpu()
+                logits = self.head.step(step_ids, positions, _through(session, positions, step_mask))
+                tokens = choose_next(logits, params, index).cpu()
                 if eos:
                     tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
                     unfinished &= ~torch.isin(tokens, eos_tensor)
@@ -300,7 +300,7 @@ class RemoteModelForCausalLM:
                     break
                 positions = positions[:, -1:] + 1
                 step_mask = torch.ones((batch, 1), dtype=torch.int64)
-                hidden = self.head.embed(tokens[:, None])
+                step_ids = tokens[:, None]
             report = self.verifier.verify(session)  # before the nodes are paid: liars are not
             self.last_verification = report
             if report.first_bad_step is not None:
@@ -341,6 +341,11 @@ class RemoteModelForCausalLM:
         if eos is None:
             return []
         return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def _through(session: InferenceSession, positions: torch.Tensor, mask: torch.Tensor) -> Blocks:
+    """The blocks of one step: the session's chain of nodes, at these positions under this padding mask."""
+    return lambda hidden: session.step(hidden, positions, mask)
 
 
 def _coordinator_reporter(coordinator: str, payer: Payer) -> Reporter:

@@ -2,12 +2,13 @@
 
 Building the whole `AutoModelForCausalLM` without weights costs no memory and gives us the
 model's own modules (decoder layers, rotary embedding, norms, heads) for any architecture,
-so hivegen never carries per-model copies of transformers' code.
+so hivegen never carries per-model copies of transformers' code. Nothing here assumes a
+family's attribute names: the blocks are found as the decoder's one list of layers.
 """
 
 from __future__ import annotations
 
-import inspect
+import copy
 import threading
 from dataclasses import dataclass
 
@@ -19,124 +20,99 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from hivegen.errors import UnsupportedModelError
 from hivegen.model.checkpoint import ModelCheckpoint
 
-FULL_ATTENTION = "full_attention"
-SLIDING_ATTENTION = "sliding_attention"
-SUPPORTED_LAYER_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
-DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
+# Names a decoder gives its list of blocks, preferred in this order when it has several lists of that length.
+_LAYER_LIST_NAMES = ("layers", "h", "blocks", "block", "layer")
 # accelerate's init_empty_weights patches nn.Module.register_parameter for the whole process:
 # while one thread builds a skeleton, another thread's assigned weights would land on meta.
-_BUILD_LOCK = threading.RLock()
+BUILD_LOCK = threading.RLock()
 
 
 @dataclass
 class ModelSkeleton:
-    """The meta-device model plus the names of its parts inside the checkpoint."""
+    """The meta-device model, its decoder stack and where the blocks live inside it."""
 
     checkpoint: ModelCheckpoint
-    config: PretrainedConfig  # the decoder (text) config the layers were built with
+    config: PretrainedConfig  # the decoder (text) config the model was built with
     causal_lm: PreTrainedModel
-    base: nn.Module  # the decoder stack: has .layers, .norm, .rotary_emb
-    layer_types: list[str]
-    module_names: dict[int, str]  # id(module) -> qualified name, for mapping to checkpoint keys
+    base: nn.Module  # the decoder stack that owns the blocks
+    layers: nn.ModuleList  # the blocks, in order
+    layers_name: str  # qualified name of `layers` inside `causal_lm`, e.g. "model.layers" or "transformer.h"
+    dtype: torch.dtype
 
     @classmethod
     def build(
-        cls, checkpoint: ModelCheckpoint, attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION
+        cls, checkpoint: ModelCheckpoint, attn_implementation: str | None = None, dtype: torch.dtype = torch.float32
     ) -> ModelSkeleton:
-        config = checkpoint.text_config
-        # Bare layers use eager attention without a causal mask unless this is set explicitly.
-        config._attn_implementation = attn_implementation
+        """The model of `checkpoint`, without weights, with parameters of `dtype` and the attention
+        implementation asked for (None: transformers' default for the class, sdpa where it supports it)."""
+        config = copy.deepcopy(checkpoint.text_config)
+        model_type = getattr(config, "model_type", "?")
         try:
-            with _BUILD_LOCK, init_empty_weights(include_buffers=False):
-                causal_lm = AutoModelForCausalLM.from_config(config)
-        except (ValueError, KeyError) as exc:
+            with BUILD_LOCK, init_empty_weights(include_buffers=False):
+                causal_lm = AutoModelForCausalLM.from_config(
+                    config, attn_implementation=attn_implementation, dtype=dtype
+                )
+        except (ValueError, KeyError, ImportError) as exc:
+            if attn_implementation is not None and "attn" in str(exc).lower():
+                raise UnsupportedModelError(
+                    f"{checkpoint.path}: model_type {model_type!r} cannot use attention implementation "
+                    f"{attn_implementation!r}: {str(exc).splitlines()[0]}"
+                ) from exc
             raise UnsupportedModelError(
-                f"{checkpoint.path}: transformers cannot build a causal LM for model_type "
-                f"{getattr(config, 'model_type', '?')!r}: {exc}"
+                f"{checkpoint.path}: transformers cannot build a causal LM for model_type {model_type!r}: {exc}"
             ) from exc
         causal_lm.eval()
-        base = causal_lm.get_decoder()
-        for attr in ("layers", "norm", "rotary_emb"):
-            if not hasattr(base, attr):
-                raise UnsupportedModelError(
-                    f"{type(base).__name__} has no `{attr}`: hivegen drives decoder stacks with "
-                    "`layers`, `norm` and `rotary_emb` (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, ...)"
-                )
-        layer_types = resolve_layer_types(config)
-        names = {id(module): name for name, module in causal_lm.named_modules()}
-        return cls(checkpoint, config, causal_lm, base, layer_types, names)
+        layers_name, layers = _find_layers(causal_lm, int(causal_lm.config.num_hidden_layers), model_type)
+        base = causal_lm.get_submodule(layers_name.rpartition(".")[0])
+        return cls(checkpoint, causal_lm.config, causal_lm, base, layers, layers_name, dtype)
 
     @property
-    def norm(self) -> nn.Module:
-        """The final norm of the decoder stack."""
-        return self.base.get_submodule("norm")
+    def model_type(self) -> str:
+        return str(getattr(self.config, "model_type", "?"))
 
     @property
-    def rotary_emb(self) -> nn.Module:
-        """The decoder stack's rotary embedding module."""
-        return self.base.get_submodule("rotary_emb")
+    def attn_implementation(self) -> str:
+        """The attention implementation transformers settled on for this model."""
+        return str(self.config._attn_implementation)
 
     def layer(self, index: int) -> nn.Module:
         """Decoder block `index` (0-based, over the whole model)."""
-        return self.base.get_submodule(f"layers.{index}")
+        return self.layers[index]  # type: ignore[no-any-return]
+
+    def layer_name(self, index: int) -> str:
+        """The qualified name of block `index` inside the causal LM, as its parameters are named."""
+        return f"{self.layers_name}.{index}"
 
     def block_parameters(self) -> list[int]:
         """Parameters of every decoder block, counted on the skeleton (no weight is loaded): the price of a block."""
-        return [sum(p.numel() for p in self.layer(i).parameters()) for i in range(self.checkpoint.num_blocks)]
+        return [sum(p.numel() for p in self.layer(i).parameters()) for i in range(len(self.layers))]
 
-    def param_names(self, module: nn.Module) -> dict[str, str]:
-        """Map each parameter of `module` (local name) to its full checkpoint key."""
-        prefix = self.module_names[id(module)]
-        return {local: f"{prefix}.{local}" if prefix else local for local, _ in module.named_parameters()}
-
-    def materialize(self, module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-        """Fill `module`'s meta parameters from the checkpoint (only the shards that hold them)."""
-        names = self.param_names(module)
-        tensors = self.checkpoint.load_tensors(list(names.values()), dtype=dtype)
-        state = {local: tensors[key].to(device) for local, key in names.items()}
-        with _BUILD_LOCK:
-            module.load_state_dict(state, strict=False, assign=True)
-        _check_materialized(module, self.module_names[id(module)])
-        module.to(device)
-
-    def tie(self, module: nn.Module, source: nn.Module) -> None:
-        """Share `source`'s weight with `module` (tied input and output embeddings)."""
-        with _BUILD_LOCK:
-            module.weight = source.weight
-
-    def rotary_embeddings(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for `position_ids`, from the model's own rotary module (Gemma 3 keys it by layer type)."""
-        rotary = self.rotary_emb
-        if _accepts(rotary.forward, "layer_type"):
-            return rotary(hidden, position_ids, layer_type)  # type: ignore[no-any-return]
-        return rotary(hidden, position_ids)  # type: ignore[no-any-return]
+    def rotary(self) -> nn.Module | None:
+        """The decoder's rotary embedding module, where it computes one for all its blocks."""
+        named = getattr(self.base, "rotary_emb", None)
+        if isinstance(named, nn.Module):
+            return named
+        found = [m for _, m in self.base.named_children() if type(m).__name__.endswith("RotaryEmbedding")]
+        return found[0] if len(found) == 1 else None
 
 
-def resolve_layer_types(config: PretrainedConfig) -> list[str]:
-    """The attention type of every layer, the way the model's own forward chooses its masks."""
-    n = int(config.num_hidden_layers)
-    types = getattr(config, "layer_types", None)
-    if types is None:
-        # Mistral / Phi-3 style: one sliding window for every layer when the config sets one.
-        kind = SLIDING_ATTENTION if getattr(config, "sliding_window", None) is not None else FULL_ATTENTION
-        types = [kind] * n
-    types = list(types)[:n]
-    unknown = sorted(set(types) - set(SUPPORTED_LAYER_TYPES))
-    if unknown:
-        raise UnsupportedModelError(f"layer types {unknown} are not supported; hivegen runs {SUPPORTED_LAYER_TYPES}")
-    return types
-
-
-def _check_materialized(module: nn.Module, prefix: str) -> None:
-    left = [name for name, p in module.named_parameters() if p.is_meta]
-    if left:
-        raise UnsupportedModelError(f"checkpoint has no weights for {prefix}: {left[:5]}")
-
-
-def _accepts(fn: object, arg: str) -> bool:
-    try:
-        return arg in inspect.signature(fn).parameters  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
+def _find_layers(model: nn.Module, num_blocks: int, model_type: str) -> tuple[str, nn.ModuleList]:
+    """The qualified name and the list of the model's `num_blocks` blocks, whatever the architecture calls it."""
+    lists = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_blocks
+    }
+    # A decoder may hold other per-layer lists (projections, norms): its blocks are the list named like blocks,
+    # nearest the top of the model.
+    preferred = {n: m for n, m in lists.items() if n.rpartition(".")[2] in _LAYER_LIST_NAMES} or lists
+    if preferred:
+        top = min(n.count(".") for n in preferred)
+        preferred = {n: m for n, m in preferred.items() if n.count(".") == top}
+    if len(preferred) != 1:
+        found = ", ".join(f"{n} ({len(m)})" for n, m in model.named_modules() if isinstance(m, nn.ModuleList))
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} has no single list of its {num_blocks} blocks "
+            f"(lists: {found[:300] or 'none'}); hivegen serves decoders whose blocks are one stack of layers"
+        )
+    return next(iter(preferred.items()))

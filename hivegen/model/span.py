@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from hivegen.errors import ModelLoadError
+from hivegen.model.blocks import MASKS, block_calls, resolve_layer_types
 from hivegen.model.checkpoint import ModelCheckpoint
-from hivegen.model.skeleton import DEFAULT_ATTN_IMPLEMENTATION, SLIDING_ATTENTION, ModelSkeleton
+from hivegen.model.loading import in_modules, load_weights
+from hivegen.model.skeleton import ModelSkeleton
 
 
 class BlockSpan:
@@ -21,7 +24,7 @@ class BlockSpan:
         end: int,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-        attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION,
+        attn_implementation: str | None = None,
     ) -> None:
         if not 0 <= start < end <= checkpoint.num_blocks:
             raise ModelLoadError(
@@ -31,18 +34,26 @@ class BlockSpan:
         self.start, self.end = start, end
         self.dtype = dtype
         self.device = torch.device(device)
-        self.skeleton = ModelSkeleton.build(checkpoint, attn_implementation)
+        self.skeleton = ModelSkeleton.build(checkpoint, attn_implementation, dtype)
         self.config = self.skeleton.config
         self.hidden_size = int(self.config.hidden_size)
+        # Refuse what cannot be served before reading a single weight.
+        self.layer_types = resolve_layer_types(self.config)[start:end]
         self.layers = [self.skeleton.layer(i) for i in range(start, end)]
-        for layer in self.layers:
-            self.skeleton.materialize(layer, dtype, self.device)
-        self.skeleton.rotary_emb.to(self.device)
-        self.layer_types = self.skeleton.layer_types[start:end]
+        self.calls = block_calls(self.layers, self.config)
+        load_weights(self.skeleton, in_modules([self.skeleton.layer_name(i) for i in range(start, end)]), self.device)
+        self.rotary = self.skeleton.rotary()
+        if self.rotary is not None:
+            self.rotary.to(self.device)
+        self._rotary_by_type = self.rotary is not None and _accepts(self.rotary.forward, "layer_type")
 
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for layer in self.layers for p in layer.parameters())
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.skeleton.attn_implementation
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
@@ -58,6 +69,16 @@ class BlockSpan:
         for offset, kind in enumerate(kinds):
             first.setdefault(kind, start + offset)
         return first
+
+    def _position_embeddings(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos/sin for `position_ids`, from the model's own rotary module (Gemma 3 keys it by layer type)."""
+        if self.rotary is None:
+            return None
+        if self._rotary_by_type:
+            return self.rotary(hidden, position_ids, kind)  # type: ignore[no-any-return]
+        return self.rotary(hidden, position_ids)  # type: ignore[no-any-return]
 
     @torch.inference_mode()
     def forward(
@@ -78,18 +99,19 @@ class BlockSpan:
         end = self.end if end is None else end
         if not self.start <= start < end <= self.end:
             raise ValueError(f"blocks {start}:{end} are not inside this span {self.start}:{self.end}")
-        layers = self.layers[start - self.start : end - self.start]
-        kinds = self.layer_types[start - self.start : end - self.start]
+        window = slice(start - self.start, end - self.start)
+        layers, kinds, calls = self.layers[window], self.layer_types[window], self.calls[window]
         hidden = hidden.to(device=self.device, dtype=self.dtype)
         position_ids = position_ids.to(self.device)
+        past = self.cached_length(cache, start)
+        cache_position = torch.arange(past, past + hidden.shape[1], device=self.device)
         # Like transformers' generate: an all-ones padding mask is dropped, so attention takes its
         # causal fast path and the results stay bit-identical to a local run.
         mask_2d = None if bool(attention_mask.all()) else attention_mask.to(self.device)
         masks: dict[str, object] = {}
-        rotary: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        rotary: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         for kind, layer_idx in self._mask_layers(start, kinds).items():
-            make_mask = create_sliding_window_causal_mask if kind == SLIDING_ATTENTION else create_causal_mask
-            masks[kind] = make_mask(
+            masks[kind] = MASKS[kind](
                 config=self.config,
                 inputs_embeds=hidden,
                 attention_mask=mask_2d,
@@ -97,15 +119,15 @@ class BlockSpan:
                 position_ids=position_ids,
                 layer_idx=layer_idx,
             )
-            rotary[kind] = self.skeleton.rotary_embeddings(hidden, position_ids, kind)
-        for layer, kind in zip(layers, kinds, strict=True):
-            out = layer(
-                hidden,
-                attention_mask=masks[kind],
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-                position_embeddings=rotary[kind],
-            )
+            rotary[kind] = self._position_embeddings(hidden, position_ids, kind)
+        for layer, kind, call in zip(layers, kinds, calls, strict=True):
+            out = layer(hidden, **call.kwargs(masks[kind], position_ids, cache, rotary[kind], cache_position))
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+
+def _accepts(fn: object, arg: str) -> bool:
+    try:
+        return arg in inspect.signature(fn).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False

@@ -20,6 +20,7 @@ from hivegen.files import write_json_atomic
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.demo import hivegen_home
 from hivegen.model.span import BlockSpan
+from hivegen.model.support import require_servable
 from hivegen.node.aio_server import AioServer
 from hivegen.node.billing import Billing
 from hivegen.node.limits import LOOPBACK, ClientQuotas, parse_networks
@@ -46,6 +47,7 @@ class NodeConfig:
     dht_port: int = 0  # DHT port; 0 picks a free one
     device: str = "cpu"  # torch device of the blocks
     dtype: str | None = None  # float32 / bfloat16 / float16; default: the checkpoint's own dtype
+    attn_implementation: str | None = None  # sdpa, eager, flex_attention, ...; None: transformers' pick for the model
     cache_tokens: int = 65536  # KV-cache budget in tokens, summed over sessions (batch x max_length)
     announce_ttl: float = 30.0  # seconds a DHT record lives unless refreshed
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest gRPC message accepted or sent
@@ -83,11 +85,16 @@ class NodeServer:
     def start(self) -> None:
         cfg = self.config
         checkpoint = ModelCheckpoint.open(cfg.model)
+        # A model hivegen cannot serve is refused now, in one line, before any weight is read or peer joined.
+        support = require_servable(cfg.model, cfg.attn_implementation)
         # The DHT forks a process: start it before any gRPC object exists.
         self.dht = start_dht(cfg.initial_peers or None, host=cfg.host, port=cfg.dht_port)
         dtype = dtype_from_name(cfg.dtype) if cfg.dtype else checkpoint.default_dtype(cfg.device)
-        logger.info("loading blocks %d:%d of %s as %s", cfg.start, cfg.end, cfg.model, DTYPE_NAMES[dtype])
-        span = BlockSpan(checkpoint, cfg.start, cfg.end, dtype=dtype, device=cfg.device)
+        logger.info(
+            "loading blocks %d:%d of %s (%s) as %s, %s attention",
+            cfg.start, cfg.end, cfg.model, support.model_type, DTYPE_NAMES[dtype], support.attn_implementation,
+        )  # fmt: skip
+        span = BlockSpan(checkpoint, cfg.start, cfg.end, dtype, cfg.device, cfg.attn_implementation)
         self.model_key = checkpoint.model_key
         # The node's key: it signs every answer and owns its DHT records; with a coordinator, it is paid too.
         self.identity = Identity.load_or_create(cfg.identity)

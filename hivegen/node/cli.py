@@ -1,0 +1,171 @@
+"""`hivegen node serve`: its options, and the command that runs a node until it is stopped."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hivegen.model.demo import resolve_model_path
+from hivegen.process import StopSignals, tie_process_tree
+
+
+def _blocks(text: str) -> tuple[int, int]:
+    try:
+        start_text, end_text = text.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks takes START:END, e.g. 0:10 (got {text!r})") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks {text}: need 0 <= START < END")
+    return start, end
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: `kind` (int or float) of the text, which must be > 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated CIDR networks ('' for none), each checked."""
+    from hivegen.node.limits import parse_networks
+
+    specs = tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        parse_networks(specs)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return specs
+
+
+def cmd_node_serve(args: argparse.Namespace) -> int:
+    tie_process_tree()
+    import torch
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    from hivegen.node.server import NodeConfig, NodeServer
+
+    start, end = args.blocks
+    stop = StopSignals()
+    node = NodeServer(
+        NodeConfig(
+            model=resolve_model_path(args.model), start=start, end=end, initial_peers=args.initial_peers or [],
+            attn_implementation=args.attn_implementation,
+            host=args.host, port=args.port, dht_port=args.dht_port, device=args.device, dtype=args.dtype,
+            cache_tokens=args.cache_tokens, ready_file=Path(args.ready_file) if args.ready_file else None,
+            coordinator=args.coordinator, identity=Path(args.identity) if args.identity else None,
+            data=Path(args.data) if args.data else None, unpaid_steps=args.unpaid_steps,
+            unpaid_credits=args.unpaid_credits, submit_interval=args.submit_interval,
+            open_timeout=args.open_timeout, session_idle_timeout=args.session_idle_timeout,
+            max_sessions_per_client=args.max_sessions_per_client,
+            max_cache_tokens_per_client=args.max_cache_tokens_per_client,
+            unlimited_networks=args.unlimited_networks,
+        )
+    )  # fmt: skip
+    try:
+        node.start()
+        print(f"hivegen node: serving blocks {start}:{end} of {node.model_key} at {node.address}", flush=True)
+        if node.billing is not None:
+            print(f"charging credits to {node.billing.account} (ledger {args.coordinator})", flush=True)
+        if not args.initial_peers:
+            print("started a new swarm; others join it with:", flush=True)
+            print("  --initial-peers " + " ".join(node.join_addresses()), flush=True)
+        stop.wait()
+    finally:
+        node.stop()
+    print("hivegen node: stopped and withdrawn from the DHT", flush=True)
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    """`hivegen node serve` and its options."""
+    node = commands.add_parser("node", help="run a node that serves blocks").add_subparsers(
+        dest="node_cmd", required=True
+    )
+    serve = node.add_parser("serve", help="serve a span of a model's blocks and announce it in the DHT")
+    serve.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
+    serve.add_argument("--blocks", required=True, type=_blocks, help="START:END, the blocks to serve")
+    serve.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs to join (none: new swarm)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind and announce")
+    serve.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    serve.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
+    serve.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    serve.add_argument("--cache-tokens", type=int, default=65536, help="KV-cache budget, tokens over all sessions")
+    serve.add_argument(
+        "--attn-implementation",
+        metavar="NAME",
+        help="attention kernel of the blocks: sdpa, eager, flex_attention, flash_attention_2, ... "
+        "(default: what transformers picks for the model class, sdpa where it supports it)",
+    )
+    serve.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    serve.add_argument("--ready-file", help="write JSON here once serving and announced")
+    limits = serve.add_argument_group("limits", "keep one client (or a crowd of idle streams) from taking the node")
+    limits.add_argument(
+        "--open-timeout",
+        type=_positive(float),
+        default=10.0,
+        metavar="SECONDS",
+        help="close a stream that has not sent `open` this long after it started (default 10)",
+    )
+    limits.add_argument(
+        "--session-idle-timeout",
+        type=_positive(float),
+        default=60.0,
+        metavar="SECONDS",
+        help="close a session that sent nothing this long, freeing its cache (default 60)",
+    )
+    limits.add_argument(
+        "--max-sessions-per-client",
+        type=_positive(int),
+        default=16,
+        metavar="N",
+        help="open sessions one client may hold (default 16); a client is its account on a node "
+        "that charges credits, else its IP address (an IPv6 /64)",
+    )
+    limits.add_argument(
+        "--max-cache-tokens-per-client",
+        type=_positive(int),
+        metavar="TOKENS",
+        help="cache tokens (batch x max_length, over its sessions) one client may reserve "
+        "(default: half of --cache-tokens)",
+    )
+    limits.add_argument(
+        "--unlimited-networks",
+        type=_networks,
+        default="127.0.0.0/8,::1/128",
+        metavar="CIDR,...",
+        help="clients in these networks are not held to the per-client limits on a node that serves "
+        "for free (default: this machine, 127.0.0.0/8,::1/128; '' limits everyone)",
+    )
+    paid = serve.add_argument_group("credits", "charge clients for the work served (needs --coordinator)")
+    paid.add_argument("--coordinator", help="HOST:PORT of the coordinator's ledger; omit to serve for free")
+    paid.add_argument("--identity", help="the node's key: signs its DHT records and answers, and is the account "
+                      "paid (default: $HIVEGEN_IDENTITY, else ~/.hivegen/identity)")  # fmt: skip
+    paid.add_argument("--data", help="directory of unsubmitted receipts (default: ~/.hivegen/node)")
+    paid.add_argument("--unpaid-steps", type=int, default=1, help="steps a session's receipts may lag (default 1)")
+    paid.add_argument(
+        "--unpaid-credits",
+        type=int,
+        default=1000,
+        help="credits a known client may owe while the ledger is unreachable (default 1000)",
+    )
+    paid.add_argument(
+        "--submit-interval",
+        type=float,
+        default=1.0,
+        help="seconds between receipt submissions to the ledger (default 1)",
+    )
+    serve.set_defaults(handler=cmd_node_serve)
