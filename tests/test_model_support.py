@@ -20,11 +20,20 @@ from transformers import AutoModelForCausalLM
 
 from hivegen.client import RemoteModelForCausalLM
 from hivegen.errors import ModelLoadError, UnsupportedModelError
+from hivegen.model.chain import generate_greedy
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.head import ClientHead
 from hivegen.model.span import BlockSpan
 from hivegen.model.support import check_model
-from hivegen.model.tiny import ARCHITECTURES, REFUSED, make_tiny_checkpoint, readme_section
+from hivegen.model.tiny import (
+    ARCHITECTURES,
+    IN_PROCESS,
+    REFUSED,
+    RefusedArchitecture,
+    TinyArchitecture,
+    make_tiny_checkpoint,
+    readme_section,
+)
 
 HIVEGEN = [sys.executable, "-m", "hivegen"]
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -83,7 +92,7 @@ def test_models_check_reports_blocks_experts_and_parameters_per_block(moe_shards
     assert report["model_type"] == "mixtral"
     assert report["num_blocks"] == 4
     assert report["experts"] == 4
-    assert report["layer_types"] == {"full_attention": 4}
+    assert report["layer_types"] == {"sliding_attention": 4}
     per_block = [sum(p.numel() for p in layer.parameters()) for layer in reference.model.layers]
     assert report["block_parameters"] == per_block
     total = sum(p.numel() for p in reference.parameters())
@@ -96,7 +105,7 @@ def test_models_check_reports_blocks_experts_and_parameters_per_block(moe_shards
 
 def test_every_tested_architecture_is_servable_by_check(tmp_path: Path) -> None:
     """`models check` agrees with the exactness matrix: nothing it runs is called unservable."""
-    for arch in ARCHITECTURES:
+    for arch in [*ARCHITECTURES, *IN_PROCESS]:
         path = make_tiny_checkpoint(arch, tmp_path / arch.name, num_layers=4)
         report = check_model(path)
         assert report.servable, f"{arch.name}: {report.reason}"
@@ -105,10 +114,7 @@ def test_every_tested_architecture_is_servable_by_check(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("arch", REFUSED, ids=lambda arch: arch.name)
-def test_unservable_architectures_are_refused_with_their_reason(arch: object, tmp_path: Path) -> None:
-    from hivegen.model.tiny import RefusedArchitecture
-
-    assert isinstance(arch, RefusedArchitecture)
+def test_unservable_architectures_are_refused_with_their_reason(arch: RefusedArchitecture, tmp_path: Path) -> None:
     path = make_tiny_checkpoint(arch, tmp_path / arch.name, num_layers=4)
     report = check_model(path)
     assert not report.servable
@@ -182,6 +188,21 @@ def test_a_client_refuses_an_unservable_model_before_joining_a_swarm(tmp_path: P
     path = make_tiny_checkpoint(arch, tmp_path / arch.name, num_layers=4)
     with pytest.raises(UnsupportedModelError, match=arch.says):
         RemoteModelForCausalLM.from_pretrained(path, ["/ip4/127.0.0.1/tcp/1/p2p/QmUnreachable"])
+
+
+@pytest.mark.parametrize("arch", IN_PROCESS, ids=lambda arch: arch.name)
+def test_more_architectures_are_exact_through_spans_in_one_process(arch: TinyArchitecture, tmp_path: Path) -> None:
+    """The nodes' and the client's code over spans 0:1, 1:3, 3:4, greedy on a left-padded batch, equals generate."""
+    path = make_tiny_checkpoint(arch, tmp_path / arch.name, num_layers=4)
+    generator = torch.Generator().manual_seed(1234)
+    input_ids = torch.randint(3, 256, (2, 12), generator=generator)
+    mask = torch.ones_like(input_ids)
+    input_ids[1, :4], mask[1, :4] = 0, 0
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    expected = local.generate(
+        input_ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    assert generate_greedy(path, [(0, 1), (1, 3), (3, 4)], input_ids, mask, 16).tolist() == expected.tolist()
 
 
 def test_the_readme_lists_exactly_the_tested_and_refused_architectures() -> None:

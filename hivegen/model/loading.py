@@ -88,8 +88,10 @@ def load_weights(skeleton: ModelSkeleton, select: Callable[[str], bool], device:
         with BUILD_LOCK:
             info, _ = convert_and_load_state_dict_in_model(model, state, config)
             # Tied weights (an LM head that is the input embedding) are stored once: share them as
-            # from_pretrained does, whichever of the two the checkpoint holds.
-            model.tie_weights(missing_keys=info.missing_keys)
+            # from_pretrained does, whichever of the two the checkpoint holds, where this load has either.
+            tied = model.get_expanded_tied_weights_keys(all_submodels=True)
+            if any(select(target) or select(source) for target, source in tied.items()):
+                model.tie_weights(missing_keys=info.missing_keys)
     if info.mismatched_keys:
         shown = ", ".join(
             f"{name} {list(got)} (model: {list(want)})" for name, got, want in sorted(info.mismatched_keys)

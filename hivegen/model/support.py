@@ -107,14 +107,9 @@ def require_servable(path: str | Path, attn_implementation: str | None = None) -
 
 
 def _experts(layer: Any) -> int:
-    """Experts in a block: the length of its expert list, or the leading size of its fused expert weights."""
-    count = 0
+    """Experts in a block: the leading size of its fused (3-D) expert weights, or the length of a list of experts."""
+    count = max((int(p.shape[0]) for p in layer.parameters() if p.ndim == 3), default=0)
     for name, module in layer.named_modules():
-        if not name.endswith("experts"):
-            continue
-        if hasattr(module, "__len__"):
+        if name.endswith("experts") and hasattr(module, "__len__"):
             count = max(count, len(module))
-        for param in module.parameters(recurse=False):
-            count = max(count, int(param.shape[0]) if param.ndim == 3 else 0)
-        count = max(count, int(getattr(module, "num_experts", 0) or 0))
     return count
