@@ -59,7 +59,7 @@ def _arch(
 
 
 _SWA = ("sliding_attention", "sliding_attention", "full_attention")
-_TOP2 = {"num_experts_per_tok": 2}
+_TOP2: dict[str, Any] = {"num_experts_per_tok": 2}
 
 ARCHITECTURES: list[TinyArchitecture] = [
     _arch("llama", "Llama 2/3, SmolLM2", "grouped-query attention, RoPE, RMSNorm"),
