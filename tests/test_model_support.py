@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -203,6 +204,38 @@ def test_more_architectures_are_exact_through_spans_in_one_process(arch: TinyArc
         input_ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     assert generate_greedy(path, [(0, 1), (1, 3), (3, 4)], input_ids, mask, 16).tolist() == expected.tolist()
+
+
+def test_one_client_head_serves_concurrent_steps_each_with_its_own_blocks(tmp_path: Path) -> None:
+    """Generations in several threads share a head (an API server does): a step's blocks are its own, even when
+    another thread's step starts and ends between this step's start and its first block."""
+    head = ClientHead(ModelCheckpoint.open(make_tiny_checkpoint("gpt2", tmp_path / "gpt2", num_layers=2)))
+    ids, positions = torch.tensor([[5, 6, 7]]), torch.arange(3)[None]
+    alone = {scale: head.step(ids, positions, lambda h, s=scale: h * s) for scale in (1.5, 0.5)}
+    other_done = threading.Event()
+    first = threading.current_thread()
+
+    def hold_first_thread(*_: object) -> None:
+        if threading.current_thread() is first:
+            assert other_done.wait(30)
+
+    hook = head.model.get_input_embeddings().register_forward_hook(hold_first_thread)
+    results: dict[float, torch.Tensor] = {}
+
+    def other() -> None:
+        results[0.5] = head.step(ids, positions, lambda h: h * 0.5)
+        other_done.set()
+
+    thread = threading.Thread(target=other)
+    try:
+        thread.start()
+        results[1.5] = head.step(ids, positions, lambda h: h * 1.5)  # its blocks are looked up after `other` ended
+    finally:
+        hook.remove()
+        thread.join(30)
+    assert torch.equal(results[1.5], alone[1.5])
+    assert torch.equal(results[0.5], alone[0.5])
+    assert not torch.equal(alone[1.5], alone[0.5])
 
 
 def test_the_readme_lists_exactly_the_tested_and_refused_architectures() -> None:

@@ -11,6 +11,7 @@ exactly as transformers wrote it, with no per-model code here.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,7 @@ class ClientHead:
         load_weights(self.skeleton, lambda name: not name.startswith(inside_blocks), self.device)
         self.model = self.skeleton.causal_lm
         _move_buffers(self.model, self.device, skip=inside_blocks)  # rotary tables, embedding scales
-        self._blocks: Blocks = _identity
+        self._running = threading.local()  # each thread's step has its own blocks: one head serves many generations
         self._tuple_out = False  # blocks return (hidden, ...) for models whose forward takes outputs[0]
         self._delegate_blocks()
         forward = inspect.signature(self.model.forward).parameters
@@ -67,7 +68,7 @@ class ClientHead:
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, blocks: Blocks) -> torch.Tensor:
         """Logits [batch, vocab] (float32) for the last position of `input_ids` [batch, new]: the model's forward,
         with `blocks` computing every decoder block. `position_ids` [batch, new] are the new tokens' positions."""
-        self._blocks = blocks
+        self._running.blocks = blocks
         try:
             out = self.model(
                 input_ids=input_ids.to(self.device),
@@ -76,7 +77,7 @@ class ClientHead:
                 **self._keep_last,
             )
         finally:
-            self._blocks = _identity
+            self._running.blocks = _identity
         return out.logits[:, -1, :].float()  # type: ignore[no-any-return]
 
     @torch.inference_mode()
@@ -95,7 +96,8 @@ class ClientHead:
         raise UnsupportedModelError(f"model_type {self.skeleton.model_type!r}: its forward never reached its blocks")
 
     def _delegate_blocks(self) -> None:
-        """Give every meta block a forward: the first runs all blocks through `self._blocks`, the rest pass through."""
+        """Give every meta block a forward: the first runs all blocks through the calling step's `blocks`, the rest
+        pass through."""
         layers = list(self.skeleton.layers)
         hidden_name = next(iter(inspect.signature(layers[0].forward).parameters))
 
@@ -106,7 +108,7 @@ class ClientHead:
             return (hidden,) if self._tuple_out else hidden
 
         def first(*args: Any, **kwargs: Any) -> Any:
-            return output(self._blocks(hidden_of(args, kwargs)))
+            return output(self._running.blocks(hidden_of(args, kwargs)))
 
         def others(*args: Any, **kwargs: Any) -> Any:
             return output(hidden_of(args, kwargs))
