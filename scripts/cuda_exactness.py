@@ -34,14 +34,14 @@ def prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, mask
 
 
-def distributed(path: Path, dtype: torch.dtype, device: str) -> torch.Tensor:
+def distributed(path: Path, dtype: torch.dtype, device: str, attn: str | None) -> torch.Tensor:
     """Greedy generation through 3 spans and the client head, as a 3-node chain computes it."""
     input_ids, mask = prompts()
-    return generate_greedy(path, SPANS, input_ids, mask, NEW_TOKENS, dtype, device)
+    return generate_greedy(path, SPANS, input_ids, mask, NEW_TOKENS, dtype, device, attn)
 
 
-def local(path: Path, dtype: torch.dtype, device: str) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+def local(path: Path, dtype: torch.dtype, device: str, attn: str | None) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
     input_ids, mask = prompts()
     out = model.generate(
         input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=NEW_TOKENS, do_sample=False,
@@ -55,6 +55,7 @@ def main() -> int:
     parser.add_argument("names", nargs="*", help="architectures of hivegen.model.tiny (default: all)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtypes", default="bfloat16,float16")
+    parser.add_argument("--attn-implementation", help="attention kernel for both sides (default: transformers' pick)")
     args = parser.parse_args()
     chosen = [a for a in [*ARCHITECTURES, *IN_PROCESS] if not args.names or a.name in args.names]
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
@@ -68,12 +69,15 @@ def main() -> int:
             for dtype in dtypes:
                 began = time.perf_counter()
                 try:
-                    expected, produced = local(path, dtype, args.device), distributed(path, dtype, args.device)
+                    attn = args.attn_implementation
+                    expected = local(path, dtype, args.device, attn)
+                    produced = distributed(path, dtype, args.device, attn)
                     differ = (expected != produced).any(dim=0).nonzero().flatten().tolist()
                     cells.append(f"differs at token {differ[0]}" if differ else "exact")
                     exact += not differ
                 except Exception as exc:  # one architecture's failure is a row of the table
                     cells.append(f"error {type(exc).__name__}")
+                    print(f"  {arch.name} {dtype}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 total += 1
                 cells[-1] = f"{cells[-1]} ({time.perf_counter() - began:.1f}s)"
             print(f"{arch.name:<14} " + " ".join(f"{cell:<22}" for cell in cells), flush=True)

@@ -24,12 +24,13 @@ def generate_greedy(
     max_new_tokens: int,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    attn_implementation: str | None = None,
 ) -> torch.Tensor:
     """[batch, prompt + new] token ids: `input_ids` (left-padded per `attention_mask`) continued greedily through
     `spans` (consecutive, covering every block), each with its own cache as a node keeps one."""
     checkpoint = ModelCheckpoint.open(path)
-    chain = [BlockSpan(checkpoint, start, end, dtype=dtype, device=device) for start, end in spans]
-    head = ClientHead(checkpoint, dtype=dtype, device=device)
+    chain = [BlockSpan(checkpoint, start, end, dtype, device, attn_implementation) for start, end in spans]
+    head = ClientHead(checkpoint, dtype, device, attn_implementation)
     caches = [span.new_cache() for span in chain]
     mask = attention_mask.to(torch.int64)
     positions, step_ids, new = position_ids_from_mask(mask), input_ids, []
