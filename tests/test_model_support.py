@@ -145,6 +145,13 @@ def test_a_node_refuses_an_unservable_model_in_one_line_before_joining_a_swarm(t
     assert time.monotonic() - began < 60
 
 
+def test_a_multimodal_checkpoint_is_refused_saying_its_decoder_is_inside_it(tmp_path: Path) -> None:
+    fuyu = RefusedArchitecture("fuyu", "Fuyu", "", "", {"patch_size": 4, "num_channels": 3})
+    report = check_model(make_tiny_checkpoint(fuyu, tmp_path / "fuyu", num_layers=2))
+    assert not report.servable
+    assert "'fuyu' checkpoint keeps its text decoder inside the multimodal model" in report.reason
+
+
 def test_models_check_names_the_weights_a_checkpoint_lacks(tmp_path: Path) -> None:
     path = make_tiny_checkpoint("llama", tmp_path / "llama", num_layers=4)
     weights = path / "model.safetensors"

@@ -71,9 +71,16 @@ def check_model(path: str | Path, attn_implementation: str | None = None) -> Mod
         block_calls(list(skeleton.layers), skeleton.config)
         missing = missing_weights(skeleton)
         if missing:
+            outer = str(getattr(checkpoint.config, "model_type", "?"))
             raise UnsupportedModelError(
                 f"model_type {model_type!r}: the checkpoint has no weights for {', '.join(missing[:3])}"
                 + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                + (
+                    f" (a {outer!r} checkpoint keeps its text decoder inside the multimodal model; hivegen serves "
+                    "text-only checkpoints)"
+                    if checkpoint.text_config is not checkpoint.config
+                    else ""
+                )
             )
     except UnsupportedModelError as exc:
         return ModelSupport(shown, model_type, checkpoint.num_blocks, servable=False, reason=str(exc))
