@@ -65,8 +65,10 @@ def check_model(path: str | Path, attn_implementation: str | None = None) -> Mod
     checkpoint = ModelCheckpoint.open(path)
     model_type = str(getattr(checkpoint.text_config, "model_type", "?"))
     shown = str(checkpoint.path)
+    architecture = ""
     try:
         skeleton = ModelSkeleton.build(checkpoint, attn_implementation)
+        architecture = type(skeleton.causal_lm).__name__
         types = resolve_layer_types(skeleton.config)
         block_calls(list(skeleton.layers), skeleton.config)
         missing = missing_weights(skeleton)
@@ -83,7 +85,9 @@ def check_model(path: str | Path, attn_implementation: str | None = None) -> Mod
                 )
             )
     except UnsupportedModelError as exc:
-        return ModelSupport(shown, model_type, checkpoint.num_blocks, servable=False, reason=str(exc))
+        return ModelSupport(
+            shown, model_type, checkpoint.num_blocks, servable=False, reason=str(exc), architecture=architecture
+        )
     blocks = skeleton.block_parameters()
     tied = set(skeleton.causal_lm.get_expanded_tied_weights_keys(all_submodels=True))  # stored once, loaded once
     client = sum(
@@ -96,7 +100,7 @@ def check_model(path: str | Path, attn_implementation: str | None = None) -> Mod
         model_type,
         checkpoint.num_blocks,
         servable=True,
-        architecture=type(skeleton.causal_lm).__name__,
+        architecture=architecture,
         attn_implementation=skeleton.attn_implementation,
         layer_types=dict(Counter(types)),
         block_parameters=blocks,
