@@ -81,6 +81,11 @@ class BlockCall:
     def of(cls, layer: nn.Module, config: PretrainedConfig) -> BlockCall:
         """How to call `layer`; UnsupportedModelError if it needs an input only its model's forward can make."""
         model_type = getattr(config, "model_type", "?")
+        if any(getattr(module, "is_causal", None) is False for module in layer.modules()):
+            raise UnsupportedModelError(
+                f"model_type {model_type!r}: its blocks attend both ways (an encoder; `is_decoder` is off); "
+                "hivegen serves causal decoders"
+            )
         params = list(inspect.signature(layer.forward).parameters.values())[1:]  # after the hidden states
         names = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
         var_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
