@@ -73,7 +73,7 @@ def resolve_layer_types(config: PretrainedConfig) -> list[str]:
 class BlockCall:
     """Which inputs one class of block takes, and under which names."""
 
-    cache_arg: str | None  # "past_key_values" or "layer_past"
+    cache_arg: str  # "past_key_values" or "layer_past"
     passed: frozenset[str]  # the supplied inputs it takes
     alibi: bool  # it takes an `alibi` argument, to be given None (the model does not use ALiBi)
 
@@ -101,6 +101,11 @@ class BlockCall:
                 f"{', '.join(f'`{n}`' for n in foreign)}, made outside the blocks; hivegen cannot serve them"
             )
         cache_arg = next((n for n in CACHE_ARGS if n in names), None)
+        if cache_arg is None:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r}: its blocks ({type(layer).__name__}) take no cache, so a node could not "
+                "keep a session's past; hivegen serves blocks that take `past_key_values`"
+            )
         passed = SUPPLIED_ARGS & names
         if var_kwargs:  # the models' forwards hand these to every block, through **kwargs where not named
             passed |= {"position_ids", "use_cache"}
@@ -123,8 +128,7 @@ class BlockCall:
         if position_embeddings is not None:
             given["position_embeddings"] = position_embeddings
         out = {name: value for name, value in given.items() if name in self.passed}
-        if self.cache_arg is not None:
-            out[self.cache_arg] = cache
+        out[self.cache_arg] = cache
         if self.alibi:
             out["alibi"] = None
         return out

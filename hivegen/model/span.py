@@ -122,7 +122,7 @@ class BlockSpan:
             rotary[kind] = self._position_embeddings(hidden, position_ids, kind)
         for layer, kind, call in zip(layers, kinds, calls, strict=True):
             out = layer(hidden, **call.kwargs(masks[kind], position_ids, cache, rotary[kind], cache_position))
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = out[0] if isinstance(out, tuple | list) else out
         return hidden
 
 
