@@ -134,6 +134,16 @@ class BlockCall:
         return out
 
 
+def check_positions(causal_lm: nn.Module, config: PretrainedConfig) -> None:
+    """A client runs the model's forward one step at a time with no cache of its own, handing it each token's
+    position; a forward that takes no `position_ids` would count positions from its (empty) cache instead."""
+    if "position_ids" not in inspect.signature(causal_lm.forward).parameters:
+        raise UnsupportedModelError(
+            f"model_type {getattr(config, 'model_type', '?')!r}: its forward takes no `position_ids` (it counts "
+            "positions in its own cache), so a client cannot run it with its blocks elsewhere"
+        )
+
+
 def block_calls(layers: list[nn.Module], config: PretrainedConfig) -> list[BlockCall]:
     """The call of every block in `layers` (checked once per class of block)."""
     by_class: dict[type, BlockCall] = {}

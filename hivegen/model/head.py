@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from hivegen.errors import UnsupportedModelError
-from hivegen.model.blocks import block_calls, resolve_layer_types
+from hivegen.model.blocks import block_calls, check_positions, resolve_layer_types
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.loading import load_weights
 from hivegen.model.skeleton import ModelSkeleton
@@ -49,6 +49,7 @@ class ClientHead:
         # The client refuses what no node could serve, with the nodes' reason, before it loads anything.
         resolve_layer_types(self.config)
         block_calls(list(self.skeleton.layers), self.config)
+        check_positions(self.skeleton.causal_lm, self.config)
         inside_blocks = f"{self.skeleton.layers_name}."
         load_weights(self.skeleton, lambda name: not name.startswith(inside_blocks), self.device)
         self.model = self.skeleton.causal_lm

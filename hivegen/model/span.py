@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from hivegen.errors import ModelLoadError
-from hivegen.model.blocks import MASKS, block_calls, resolve_layer_types
+from hivegen.model.blocks import MASKS, block_calls, check_positions, resolve_layer_types
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.loading import in_modules, load_weights
 from hivegen.model.skeleton import ModelSkeleton
@@ -41,6 +41,7 @@ class BlockSpan:
         self.layer_types = resolve_layer_types(self.config)[start:end]
         self.layers = [self.skeleton.layer(i) for i in range(start, end)]
         self.calls = block_calls(self.layers, self.config)
+        check_positions(self.skeleton.causal_lm, self.config)  # no client could drive these blocks
         load_weights(self.skeleton, in_modules([self.skeleton.layer_name(i) for i in range(start, end)]), self.device)
         self.rotary = self.skeleton.rotary()
         if self.rotary is not None:

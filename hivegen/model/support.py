@@ -13,7 +13,7 @@ from typing import Any
 
 from hivegen.credits.units import format_credits
 from hivegen.errors import UnsupportedModelError
-from hivegen.model.blocks import block_calls, resolve_layer_types
+from hivegen.model.blocks import block_calls, check_positions, resolve_layer_types
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.loading import missing_weights
 from hivegen.model.skeleton import ModelSkeleton
@@ -71,6 +71,7 @@ def check_model(path: str | Path, attn_implementation: str | None = None) -> Mod
         architecture = type(skeleton.causal_lm).__name__
         types = resolve_layer_types(skeleton.config)
         block_calls(list(skeleton.layers), skeleton.config)
+        check_positions(skeleton.causal_lm, skeleton.config)
         missing = missing_weights(skeleton)
         if missing:
             outer = str(getattr(checkpoint.config, "model_type", "?"))

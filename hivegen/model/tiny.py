@@ -416,6 +416,12 @@ REFUSED: list[RefusedArchitecture] = [
     RefusedArchitecture("jamba", "Jamba", "Mamba layers beside attention", "linear_attention"),
     RefusedArchitecture("falcon_h1", "Falcon-H1", "attention and Mamba heads in every layer", "hybrid"),
     RefusedArchitecture("recurrent_gemma", "RecurrentGemma", "recurrent (RG-LRU) layers", "linear_attention"),
+    RefusedArchitecture(
+        "trocr",
+        "TrOCR's decoder",
+        "its forward counts positions in its own cache, not from position ids",
+        "position_ids",
+    ),
     RefusedArchitecture("openai-gpt", "GPT (2018)", "its blocks take no KV cache", "take no cache"),
     RefusedArchitecture(
         "bert", "BERT, RoBERTa as LM heads", "bidirectional attention: an encoder, not a causal decoder", "both ways"
