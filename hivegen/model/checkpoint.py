@@ -76,24 +76,6 @@ class ModelCheckpoint:
     def has_tensor(self, name: str) -> bool:
         return name in self.tensor_files
 
-    def load_tensors(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Load the named tensors, opening each shard that holds any of them exactly once."""
-        missing = [n for n in names if n not in self.tensor_files]
-        if missing:
-            raise ModelLoadError(
-                f"checkpoint {self.path} lacks tensors {missing[:5]} (and {max(0, len(missing) - 5)} more)"
-            )
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.tensor_files[name], []).append(name)
-        out: dict[str, torch.Tensor] = {}
-        for file_name, file_names in by_file.items():
-            with safe_open(str(self.path / file_name), framework="pt", device="cpu") as shard:
-                for name in file_names:
-                    tensor = shard.get_tensor(name)
-                    out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-        return out
-
     @cached_property
     def digest(self) -> str:
         """SHA-256 over config.json and every weight file: two checkpoints share a digest only if identical."""
