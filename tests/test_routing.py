@@ -97,3 +97,35 @@ def test_a_measured_node_is_routed_on_its_measurement_not_its_claim() -> None:
     route = plan_route(spans(liar, honest), "m", 0, 6, measured=measured)
     assert hops(route) == [("honest", 0, 6)]
     assert route[0].block_seconds == pytest.approx(1 / (50.0 * 6))  # the hop carries the estimate its deadline uses
+
+
+class _ContendedSpan:
+    """A span whose decode steps take 40 ms while other processes start on the same cores, then 1 ms."""
+
+    hidden_size = 4
+    dtype = None
+
+    def __init__(self, clock: list[float], slow_steps: int) -> None:
+        self.clock, self.slow_steps, self.calls = clock, slow_steps, 0
+
+    def new_cache(self) -> None:
+        return None
+
+    def forward(self, hidden, positions, mask, cache) -> None:  # type: ignore[no-untyped-def]
+        self.calls += 1
+        decode = self.calls - 1  # the first call is the prefill
+        self.clock[0] += 0.040 if 0 < decode <= self.slow_steps else 0.001
+
+
+def test_a_node_advertises_its_uncontended_speed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node timed while its neighbours start must not advertise itself as slow for the life of its record:
+    with 3 of its first steps slowed 40x, it still claims about 1,000 steps per second."""
+    import torch
+
+    from hivegen.node import server
+
+    clock = [0.0]
+    monkeypatch.setattr(server.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: torch.empty(1, 8, 4))
+    throughput = server.measure_throughput(_ContendedSpan(clock, slow_steps=3))  # type: ignore[arg-type]
+    assert 900 < throughput < 1100
