@@ -34,6 +34,14 @@ class NoRouteError(HivegenError):
             )
 
 
+class InvalidParameterError(HivegenError, ValueError):
+    """A request parameter is out of range or malformed; `param` names it (as the caller spelled it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        self.param = param
+        super().__init__(f"{param}: {message}")
+
+
 class RemoteError(HivegenError):
     """A node refused or failed a request; `code` is the gRPC status name."""
 

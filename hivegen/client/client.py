@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from hivegen.client.model import RemoteModelForCausalLM, Streamer
+from hivegen.client.sampling import check_sampling
 from hivegen.client.trace import TraceRecorder
 from hivegen.coordinator.client import LedgerClient, open_account
 from hivegen.credits.identity import Identity
@@ -130,8 +131,8 @@ class Client:
         stop: Sequence[str] = (),
     ) -> GenerationRequest:
         """The request `generate` would make (its seed stays None until a run draws one)."""
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
+        check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                       stop=stop)  # fmt: skip
         if stop and self.tokenizer is None:
             raise ValueError(f"stop strings need a tokenizer, and {self.path} has none; pass tokenizer=...")
         do_sample = temperature is not None and temperature > 0
