@@ -35,7 +35,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     cluster = LocalCluster(_model_path(args.model), nodes=args.nodes, host=args.host, dtype=args.dtype,
                            node_threads=args.node_threads, coordinator=True,
                            starter_grant=args.starter_grant,
-                           grant_proof_bits=args.grant_proof_of_work)  # fmt: skip
+                           grant_proof_bits=args.grant_proof_of_work, api_port=args.api_port)  # fmt: skip
     print(f"starting a coordinator and {len(cluster.spans)} nodes for {cluster.model_key} ...", flush=True)
     stop = StopSignals()
     try:
@@ -46,6 +46,8 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         if cluster.coordinator is not None:
             status = f"{cluster.coordinator.status_url}/status"
             print(f"coordinator (ledger) at {cluster.coordinator.address}; swarm status at {status}", flush=True)
+        if cluster.api is not None:
+            print(f"OpenAI-compatible API at {cluster.api.url} (log: {cluster.api.log_file})", flush=True)
         if args.ready_file:
             write_json_atomic(args.ready_file, cluster.info())
         stop.wait()
@@ -287,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BITS",
         help="proof of work a grant costs (default 8 bits: instant, for a local demo)",
     )
+    up.add_argument(
+        "--api-port", type=int, metavar="PORT",
+        help="also serve the OpenAI-compatible API on this port (0: any free port); its URL is printed and in the "
+        "ready file as api_url",
+    )  # fmt: skip
     up.add_argument("--ready-file", help="write JSON (initial_peers, nodes) here once every block is announced")
     up.set_defaults(handler=cmd_cluster_up)
 
@@ -360,10 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     gc = store.add_parser("gc", parents=[common], help="remove objects no pointer reaches")
     gc.add_argument("--dry-run", action="store_true", help="only report what would be removed")
     gc.set_defaults(handler=cmd_store_gc)
+    from hivegen.api.cli import add_commands as add_api_commands
     from hivegen.credits.cli import add_commands as add_credit_commands
     from hivegen.node.cli import add_commands as add_node_commands
 
     add_node_commands(commands)
+    add_api_commands(commands)
 
     add_credit_commands(commands)
     return parser

@@ -68,6 +68,22 @@ class ClusterNode:
             return "(no log)"
 
 
+@dataclass
+class ClusterApi:
+    """The cluster's `hivegen api serve` process."""
+
+    process: subprocess.Popen[bytes]
+    ready_file: Path
+    log_file: Path
+    url: str = ""  # http://HOST:PORT/v1 once ready
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
 class LocalCluster:
     """Starts, watches and stops a DHT bootstrap peer plus one process per span."""
 
@@ -87,12 +103,15 @@ class LocalCluster:
         coordinator_address: str | None = None,
         grant_proof_bits: int = 8,
         initial_peers: list[str] | None = None,
+        api_port: int | None = None,
+        api_args: list[str] | None = None,
     ) -> None:
         """`coordinator=True` runs a coordinator (DHT bootstrap, ledger, status page) in this process;
         `coordinator_address` instead points the nodes at one running elsewhere. Either way, each node
         gets its own identity and charges credits. A local cluster's ledger grants `starter_grant` credits
         for an easy proof of work (`grant_proof_bits`), so a demo starts in seconds. `initial_peers` joins an
-        existing swarm (a coordinator elsewhere must see the nodes' records to pay them)."""
+        existing swarm (a coordinator elsewhere must see the nodes' records to pay them). `api_port` (0: any free
+        port) also runs the OpenAI-compatible API (`hivegen api serve`, with `api_args`) once every block is up."""
         if coordinator and coordinator_address:
             raise ValueError("pass coordinator=True (run one here) or coordinator_address (use one), not both")
         self.model = Path(model)
@@ -116,6 +135,9 @@ class LocalCluster:
         self.coordinator: Coordinator | None = None
         self.coordinator_address = coordinator_address
         self.nodes: list[ClusterNode] = []
+        self.api_port = api_port
+        self.api_args = list(api_args or [])
+        self.api: ClusterApi | None = None
         self.started_at = 0.0
         self.ready_seconds = 0.0
 
@@ -137,11 +159,41 @@ class LocalCluster:
             for start, end in self.spans:
                 self.nodes.append(self.spawn_node(start, end))
             self.wait_ready()
+            if self.api_port is not None:
+                self.api = self.start_api(self.api_port, self.api_args)
         except BaseException:
             self.stop()
             raise
         self.ready_seconds = time.monotonic() - self.started_at
         return self
+
+    def start_api(self, port: int = 0, extra_args: list[str] | None = None) -> ClusterApi:
+        """Run `hivegen api serve` for the cluster's model on `port`; return once it serves. It pays nodes with the
+        default identity (yours) and records answers in the default store, unless `extra_args` say otherwise."""
+        home = self.work_dir / "api"
+        home.mkdir(parents=True, exist_ok=True)
+        ready, log = home / "ready.json", home / "api.log"
+        ready.unlink(missing_ok=True)
+        cmd = [
+            sys.executable, "-m", "hivegen", "api", "serve", "--model", str(self.model), "--host", self.host,
+            "--port", str(port), "--ready-file", str(ready), "--initial-peers", *self.initial_peers,
+            *(["--coordinator", self.coordinator_address] if self.coordinator_address else []), *(extra_args or []),
+        ]  # fmt: skip
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        with open(log, "ab") as log_fh:
+            process = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        api = ClusterApi(process, ready, log)
+        deadline = time.monotonic() + self.startup_timeout
+        while not ready.exists():
+            if process.poll() is not None:
+                raise ClusterError(f"the API server exited with code {process.returncode}; its log ({log}) ends "
+                                   f"with:\n{api.log_tail()}")  # fmt: skip
+            if time.monotonic() > deadline:
+                process.kill()
+                raise ClusterError(f"the API server did not start in {self.startup_timeout:.0f} s; see {log}")
+            time.sleep(0.2)
+        api.url = json.loads(ready.read_text())["url"]
+        return api
 
     def spawn_node(
         self,
@@ -257,6 +309,8 @@ class LocalCluster:
             extra["coordinator"] = self.coordinator_address
         if self.coordinator is not None:
             extra["status_url"] = self.coordinator.status_url
+        if self.api is not None:
+            extra["api_url"] = self.api.url
         return {
             **extra,
             "initial_peers": self.initial_peers,
@@ -285,7 +339,10 @@ class LocalCluster:
                 node.process.wait()
 
     def stop(self) -> None:
-        """Stop every node (SIGTERM, then SIGKILL after a grace period) and the bootstrap peer."""
+        """Stop the API server, every node (SIGTERM, then SIGKILL after a grace period) and the bootstrap peer."""
+        if self.api is not None:
+            _terminate(self.api.process, "the API server")
+            self.api = None
         for node in self.nodes:
             if node.process.poll() is None:
                 node.process.send_signal(signal.SIGTERM)
@@ -309,3 +366,15 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _terminate(process: subprocess.Popen[bytes], what: str, grace: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s (pid %d) ignored SIGTERM; killing it", what, process.pid)
+            process.kill()
+            process.wait()

@@ -148,6 +148,11 @@ class VerificationError(HivegenError):
         super().__init__(message)
 
 
+class GenerationCancelled(HivegenError):
+    """The caller stopped wanting a generation (an HTTP client went away): it ends at its next step, the nodes are
+    settled for what they did, and nothing is committed."""
+
+
 class GenerationRetracted(HivegenError):
     """Verification proved that a node's wrong answer shaped the tokens from index `valid_tokens` on: those
     tokens (already streamed) are void. The liar is banned; generate again with `generated=` set to the first

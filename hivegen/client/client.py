@@ -7,21 +7,22 @@ from __future__ import annotations
 
 import functools
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, BatchEncoding, GenerationConfig, PreTrainedTokenizerBase
 
 from hivegen.client.model import RemoteModelForCausalLM, Streamer
 from hivegen.client.sampling import check_sampling
 from hivegen.client.trace import TraceRecorder
 from hivegen.coordinator.client import LedgerClient, open_account
 from hivegen.credits.identity import Identity
-from hivegen.errors import CreditsError
+from hivegen.errors import CreditsError, InvalidParameterError
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.demo import resolve_model_path
 from hivegen.store.backend import ObjectStore
@@ -72,8 +73,10 @@ class Client:
         self._remote_kwargs = {**remote_kwargs, "identity": identity, "coordinator": coordinator, "verify": verify,
                                "timeout": timeout}  # fmt: skip
         self.coordinator = coordinator
-        self.last_cost = 0  # work units the last generate/resample/run_request signed for (0 for a replay)
+        self._last = threading.local()  # last_cost per thread: one Client may serve concurrent requests
         self._remote: RemoteModelForCausalLM | None = None  # joined only when the network is needed
+        self._remote_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer refuses concurrent use ("Already borrowed")
         self._trace: TraceRecorder | None = None
         try:
             config = GenerationConfig.from_pretrained(self.path)
@@ -83,10 +86,23 @@ class Client:
         self.eos_token_ids: tuple[int, ...] = () if eos is None else tuple([eos] if isinstance(eos, int) else eos)
 
     @property
+    def last_cost(self) -> int:
+        """Work units this thread's last generate/resample/run_request signed for (0 for a replay)."""
+        return int(getattr(self._last, "cost", 0))
+
+    @last_cost.setter
+    def last_cost(self, units: int) -> None:
+        self._last.cost = units
+
+    @property
     def remote(self) -> RemoteModelForCausalLM:
-        if self._remote is None:
-            self._remote = RemoteModelForCausalLM.from_pretrained(self.path, self.initial_peers, **self._remote_kwargs)
-        return self._remote
+        """The swarm side, joined on first use (a replay never needs it)."""
+        with self._remote_lock:
+            if self._remote is None:
+                self._remote = RemoteModelForCausalLM.from_pretrained(
+                    self.path, self.initial_peers, **self._remote_kwargs
+                )
+            return self._remote
 
     def generate(
         self,
@@ -148,6 +164,23 @@ class Client:
             stop=tuple(stop),
             eos_token_ids=self.eos_token_ids,
         )
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation through the tokenizer's chat template, ready for the assistant's turn."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidParameterError(
+                "messages", f"{self.checkpoint.name} has no chat template; send a plain prompt (/v1/completions)"
+            )
+        with self._tokenizer_lock:
+            encoded = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_dict=True)
+        return [int(t) for t in cast(BatchEncoding, encoded)["input_ids"]]
+
+    def stored_answer(self, request: GenerationRequest) -> Generation | None:
+        """The stored generation that would answer `request` outright (a replay, no node), if there is one now."""
+        if request.do_sample and request.seed is None:
+            return None
+        reuse = self.index.plan(request, accept=self._replayable)
+        return reuse.source if reuse.mode == "replay" else None
 
     def resample(
         self, ref: str, from_token: int, seed: int | None = None, temperature: float | None = None
@@ -295,7 +328,8 @@ class Client:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{self.path} has no tokenizer: pass the prompt as token ids")
-            return list(self.tokenizer(prompt)["input_ids"])
+            with self._tokenizer_lock:
+                return list(self.tokenizer(prompt)["input_ids"])
         ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -304,7 +338,8 @@ class Client:
     def _decode(self, tokens: Sequence[int]) -> str:
         if self.tokenizer is None:
             return ""
-        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
+        with self._tokenizer_lock:
+            return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
 
     def _stop_index(self, tokens: Sequence[int], request: GenerationRequest) -> int | None:
         text = self._decode(tokens)

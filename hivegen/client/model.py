@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection, Generator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,10 +67,7 @@ class RemoteModelForCausalLM:
             self.generation_config = GenerationConfig.from_pretrained(checkpoint.path)
         except OSError:
             self.generation_config = GenerationConfig.from_model_config(checkpoint.config)
-        self.last_route: list[Hop] = []
-        self.last_timings: list[StepTiming] = []
-        self.last_charges: dict[str, int] = {}  # node account -> work units signed for, in the last generation
-        self.last_verification = VerificationReport(self.verifier.policy.mode)  # of the last generation
+        self._last = threading.local()  # last_*: each thread sees its own generations (one model, many users)
 
     @classmethod
     def from_pretrained(
@@ -124,6 +122,43 @@ class RemoteModelForCausalLM:
         reporter = _coordinator_reporter(coordinator, payer) if coordinator else None
         verifier = Verifier(VerifyPolicy.parse(verify), report=reporter)
         return cls(checkpoint, head, swarm, payer, verifier, timeout=timeout, failover_seconds=failover_seconds)
+
+    @property
+    def last_route(self) -> list[Hop]:
+        """The chain of nodes of this thread's last generation (as it ended, after any fail-over)."""
+        return getattr(self._last, "route", [])
+
+    @last_route.setter
+    def last_route(self, route: list[Hop]) -> None:
+        self._last.route = route
+
+    @property
+    def last_timings(self) -> list[StepTiming]:
+        """The steps of this thread's last generation, timed."""
+        return getattr(self._last, "timings", [])
+
+    @last_timings.setter
+    def last_timings(self, timings: list[StepTiming]) -> None:
+        self._last.timings = timings
+
+    @property
+    def last_charges(self) -> dict[str, int]:
+        """Node account -> work units signed for, in this thread's last generation."""
+        return getattr(self._last, "charges", {})
+
+    @last_charges.setter
+    def last_charges(self, charges: dict[str, int]) -> None:
+        self._last.charges = charges
+
+    @property
+    def last_verification(self) -> VerificationReport:
+        """What verification found in this thread's last generation."""
+        report = getattr(self._last, "verification", None)
+        return report if report is not None else VerificationReport(self.verifier.policy.mode)
+
+    @last_verification.setter
+    def last_verification(self, report: VerificationReport) -> None:
+        self._last.verification = report
 
     @property
     def last_cost(self) -> int:
