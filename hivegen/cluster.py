@@ -160,7 +160,7 @@ class LocalCluster:
                 self.nodes.append(self.spawn_node(start, end))
             self.wait_ready()
             if self.api_port is not None:
-                self.api = self.start_api(self.api_port, self.api_args)
+                self.start_api(self.api_port, self.api_args)
         except BaseException:
             self.stop()
             raise
@@ -168,8 +168,11 @@ class LocalCluster:
         return self
 
     def start_api(self, port: int = 0, extra_args: list[str] | None = None) -> ClusterApi:
-        """Run `hivegen api serve` for the cluster's model on `port`; return once it serves. It pays nodes with the
-        default identity (yours) and records answers in the default store, unless `extra_args` say otherwise."""
+        """Run `hivegen api serve` for the cluster's model on `port` (it becomes `api`, stopped with the cluster);
+        return once it serves. It pays nodes with the default identity (yours) and records answers in the default
+        store, unless `extra_args` say otherwise."""
+        if self.api is not None and self.api.process.poll() is None:
+            raise ClusterError(f"the cluster's API server (pid {self.api.process.pid}) is running; stop it first")
         home = self.work_dir / "api"
         home.mkdir(parents=True, exist_ok=True)
         ready, log = home / "ready.json", home / "api.log"
@@ -182,7 +185,7 @@ class LocalCluster:
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
         with open(log, "ab") as log_fh:
             process = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        api = ClusterApi(process, ready, log)
+        api = self.api = ClusterApi(process, ready, log)
         deadline = time.monotonic() + self.startup_timeout
         while not ready.exists():
             if process.poll() is not None:
@@ -338,11 +341,15 @@ class LocalCluster:
                 node.process.kill()
                 node.process.wait()
 
-    def stop(self) -> None:
-        """Stop the API server, every node (SIGTERM, then SIGKILL after a grace period) and the bootstrap peer."""
+    def stop_api(self) -> None:
+        """Stop the cluster's API server, if it runs."""
         if self.api is not None:
             _terminate(self.api.process, "the API server")
             self.api = None
+
+    def stop(self) -> None:
+        """Stop the API server, every node (SIGTERM, then SIGKILL after a grace period) and the bootstrap peer."""
+        self.stop_api()
         for node in self.nodes:
             if node.process.poll() is None:
                 node.process.send_signal(signal.SIGTERM)

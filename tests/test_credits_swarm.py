@@ -417,3 +417,45 @@ def test_a_node_killed_after_serving_submits_its_receipts_when_restarted(
     wait_for(lambda: paid(ledger, client).get(first) == 2 * expected[first], 60, "the restarted node's receipts")
     assert paid(ledger, client) == {a: 2 * c for a, c in expected.items()}
     assert ledger.verify_journal().ok
+
+
+# --- through the OpenAI-compatible API ----------------------------------------------------------------------------
+
+
+def test_the_api_charges_its_identity_and_says_how_much(
+    cluster: LocalCluster, ledger: LedgerClient, tmp_path: Path
+) -> None:
+    """The API server pays nodes with its own identity: the x-hivegen-cost header is exactly what the ledger moves,
+    a replay costs 0, and an answer its balance cannot cover is 402 naming the balance and the amount needed."""
+    payer = Identity.generate()
+    payer.save(tmp_path / "api-identity")
+    api = cluster.start_api(0, ["--identity", str(tmp_path / "api-identity"), "--store", str(tmp_path / "store")])
+    try:
+        ask = {"model": cluster.model.name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+        status, headers, answer = post_json(api.url + "/completions", ask)
+        assert status == 200, answer
+        settled(cluster)
+        assert headers["x-hivegen-cost"] == format_credits(sum(paid(ledger, payer).values()))
+        assert sum(paid(ledger, payer).values()) > UNIT  # whole credits: the header is not trivially "0"
+        status, headers, _ = post_json(api.url + "/completions", ask)
+        assert (status, headers["x-hivegen-replayed"], headers["x-hivegen-cost"]) == (200, "true", "0")
+        status, _, answer = post_json(api.url + "/completions", {**ask, "max_tokens": 400})
+        assert status == 402, answer
+        error = answer["error"]
+        assert error["code"] == "insufficient_credits" and error["account"] == payer.account
+        assert float(error["needed"].replace(",", "")) > float(error["balance"].replace(",", ""))
+        assert "hivegen node serve" in error["message"]
+    finally:
+        cluster.stop_api()
+
+
+def post_json(url: str, body: object) -> tuple[int, dict[str, str], dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, {k.lower(): v for k, v in error.headers.items()}, json.loads(error.read())
