@@ -313,3 +313,25 @@ def test_a_model_no_node_serves_is_503_naming_the_missing_blocks(cluster: LocalC
         status, _, answer = raw(cluster, "POST", "/chat/completions", request)
         assert status == 503, answer
         assert answer["error"]["code"] == "no_route" and answer["error"]["missing_blocks"] == [0, 1, 2, 3]
+
+
+def test_chat_in_the_terminal_keeps_the_conversation_and_resets_it(
+    cluster: LocalCluster, chat_model: Path, reference: Any, tokenizer: Any, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    turns = "Hello!\nHow are you?\n/reset\nHello!\n/exit\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "hivegen", "chat", "--model", str(chat_model), "--max-new-tokens", "6",
+         "--store", str(tmp_path / "store"), "--initial-peers", *cluster.initial_peers],
+        input=turns, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    answers = [line.removeprefix("assistant> ") for line in done.stdout.splitlines() if line.startswith("assistant> ")]
+    history = [{"role": "user", "content": "Hello!"}]
+    first = transformers_answer(reference, tokenizer, chat_ids(tokenizer, history), 6)[1]
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "How are you?"}]
+    second = transformers_answer(reference, tokenizer, chat_ids(tokenizer, history), 6)[1]
+    assert answers == [first, second, first]  # after /reset the model sees only the new question
+    assert "(conversation reset)" in done.stderr

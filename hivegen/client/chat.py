@@ -1,0 +1,123 @@
+"""`hivegen chat`: a multi-turn conversation in the terminal, each answer streamed as the swarm generates it.
+
+The history goes through the model's chat template on every turn, so the model sees the whole conversation; each
+turn is an ordinary recorded generation (the same conversation again, greedy or seeded, replays from the store)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from hivegen.client.sampling import check_sampling
+
+COMMANDS = {"/reset": "forget the conversation (keeps --system)", "/exit": "leave (so do Ctrl-D and Ctrl-C)",
+            "/help": "this list"}  # fmt: skip
+
+
+@dataclass
+class Conversation:
+    """The messages so far, and how each answer is sampled."""
+
+    system: str | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+
+def reply(client: Any, conversation: Conversation, text: str, on_delta: Callable[[str], None], **sampling: Any) -> str:
+    """Add the user's `text`, generate the answer (streaming its text to `on_delta`), add it, and return it."""
+    from hivegen.api.streaming import ChoiceStreamer, TextStream
+
+    conversation.messages.append({"role": "user", "content": text})
+    try:
+        prompt = client.encode_chat(conversation.messages)
+        stream = TextStream(client._decode, sampling.get("stop", ()))
+        streamer = ChoiceStreamer(stream, on_delta, threading.Event())
+        generation = client.generate(prompt, streamer=streamer, **sampling)  # a replay streams its tokens at once
+        on_delta(stream.finish(generation.text))
+    except BaseException:
+        conversation.messages.pop()  # the turn did not happen
+        raise
+    conversation.messages.append({"role": "assistant", "content": generation.text})
+    return str(generation.text)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    check_sampling(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, names={"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+                               "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed"},
+    )  # fmt: skip
+    from hivegen.client import Client
+
+    out: TextIO = sys.stdout
+    print("loading the model's local layers and joining the swarm ...", file=sys.stderr, flush=True)
+    with Client(
+        args.model, args.initial_peers, store=args.store, identity=args.identity, coordinator=args.coordinator,
+        verify=args.verify,
+    ) as client:  # fmt: skip
+        client.encode_chat([{"role": "user", "content": "hi"}])  # no chat template: say so before the first turn
+        _ = client.remote
+        conversation = Conversation(system=args.system)
+        sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                    "top_k": args.top_k, "seed": args.seed}  # fmt: skip
+        print(f"chatting with {client.checkpoint.name}; /help lists commands, /exit leaves", file=sys.stderr)
+        while True:
+            try:
+                line = input("you> " if sys.stdin.isatty() else "")
+            except (EOFError, KeyboardInterrupt):
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                conversation.reset()
+                print("(conversation reset)", file=sys.stderr, flush=True)
+                continue
+            if text == "/help" or (text.startswith("/") and " " not in text):
+                for name, what in COMMANDS.items():
+                    print(f"  {name:7} {what}", file=sys.stderr)
+                continue
+            out.write("assistant> ")
+
+            def show(delta: str) -> None:
+                out.write(delta)
+                out.flush()
+
+            reply(client, conversation, text, show, **sampling)
+            out.write("\n")
+            out.flush()
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    """`hivegen chat` and its options."""
+    chat = commands.add_parser(
+        "chat",
+        help="an interactive multi-turn chat in the terminal",
+        description="Chat with a model through the swarm. Commands: "
+        + "; ".join(f"{k} {v}" for k, v in COMMANDS.items()),
+    )
+    chat.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
+    chat.add_argument("--initial-peers", nargs="+", required=True, help="DHT multiaddrs of the swarm")
+    chat.add_argument("--system", help="a system message that starts (and survives /reset of) the conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens (default 256)")
+    chat.add_argument("--temperature", type=float, help="sample at this temperature in (0, 2] (default: greedy)")
+    chat.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this probability")
+    chat.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    chat.add_argument("--seed", type=int, help="make sampled answers reproducible (and replayable from the store)")
+    chat.add_argument("--store", help="store of recorded generations (default: $HIVEGEN_HOME/store)")
+    chat.add_argument("--identity", help="key file of the account that pays nodes (default: ~/.hivegen/identity)")
+    chat.add_argument("--coordinator", help="HOST:PORT of the ledger, to report lying nodes")
+    chat.add_argument("--verify", help='re-execution of node work: "off", a rate in [0, 1], or "all"')
+    chat.set_defaults(handler=cmd_chat)
