@@ -19,7 +19,8 @@ import torch
 from hivegen.api.streaming import ChoiceStreamer, TextStream
 from hivegen.client.client import Client
 from hivegen.client.sampling import MAX_SEED
-from hivegen.errors import HivegenError
+from hivegen.errors import HivegenError, ModelLoadError
+from hivegen.model.demo import DEMO_MODELS, resolve_model_path
 from hivegen.store.records import Generation, GenerationRequest
 
 DEFAULT_MAX_CONCURRENCY = 16  # generations running at once (each a session through the swarm)
@@ -128,8 +129,17 @@ class ApiService:
         return cls(models, max_concurrency=max_concurrency)
 
     def model(self, name: str) -> ServedModel:
+        """The served model a request names: by its id, by the `--model` value it was started with, or by the name
+        of the demo model whose prepared directory it is (`smollm2`)."""
         for served in self.models:
             if name == served.id or name in served.aliases:
+                return served
+        try:
+            path = resolve_model_path(name).resolve() if name.strip().lower() in DEMO_MODELS else None
+        except ModelLoadError:
+            path = None
+        for served in self.models:
+            if path is not None and served.client.path.resolve() == path:
                 return served
         raise UnknownModel(name, [m.id for m in self.models])
 
