@@ -335,3 +335,22 @@ def test_chat_in_the_terminal_keeps_the_conversation_and_resets_it(
     second = transformers_answer(reference, tokenizer, chat_ids(tokenizer, history), 6)[1]
     assert answers == [first, second, first]  # after /reset the model sees only the new question
     assert "(conversation reset)" in done.stderr
+
+
+def test_idle_and_stalled_connections_do_not_block_others(client: openai.OpenAI, cluster: LocalCluster) -> None:
+    import socket
+
+    assert cluster.api is not None
+    url = urlparse(cluster.api.url)
+    hostile: list[socket.socket] = []
+    try:
+        for i in range(64):  # half send nothing, half stall inside a request body
+            s = socket.create_connection((url.hostname, url.port), timeout=10)
+            if i % 2:
+                s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"model":')
+            hostile.append(s)
+        models = client.models.list()  # answered while all 64 hang on
+        assert models.data
+    finally:
+        for s in hostile:
+            s.close()

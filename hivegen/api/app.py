@@ -114,7 +114,7 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
 
 def _prompt_ids(served: ServedModel, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        return served.client._encode(prompt)
+        return served.client.encode(prompt)
     vocab = int(served.client.checkpoint.text_config.vocab_size)
     if any(not 0 <= t < vocab for t in prompt):
         raise ApiParameterError("prompt", f"token ids must be in [0, {vocab})")

@@ -13,6 +13,7 @@ from hivegen.files import write_json_atomic
 from hivegen.process import StopSignals, tie_process_tree
 
 API_KEY_ENV = "HIVEGEN_API_KEY"
+MAX_CONNECTIONS = 1024
 
 
 def cmd_api_serve(args: argparse.Namespace) -> int:
@@ -36,7 +37,12 @@ def cmd_api_serve(args: argparse.Namespace) -> int:
         if stop.received:
             return 0
         app = create_app(service, api_key=api_key, default_max_tokens=args.default_max_tokens)
-        config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="off",
+            timeout_keep_alive=5,  # idle keep-alive connections are closed after 5 s
+            limit_concurrency=MAX_CONNECTIONS,  # beyond this, new requests get 503 instead of exhausting the process
+            timeout_graceful_shutdown=10,  # on SIGTERM, open streams get 10 s to finish
+        )  # fmt: skip
         server = uvicorn.Server(config)
         port = sock.getsockname()[1]
         url = f"http://{args.host}:{port}/v1"

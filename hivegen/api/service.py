@@ -191,7 +191,7 @@ class ApiService:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         client = served.client
-        text = TextStream(client._decode, plan.request.stop)
+        text = TextStream(client.decode, plan.request.stop)
         streamer = ChoiceStreamer(text, lambda delta: send(Event(plan.index, delta=delta)), cancelled)
         try:
             with self._one_run_of(plan.request):

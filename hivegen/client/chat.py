@@ -39,7 +39,7 @@ def reply(client: Any, conversation: Conversation, text: str, on_delta: Callable
     conversation.messages.append({"role": "user", "content": text})
     try:
         prompt = client.encode_chat(conversation.messages)
-        stream = TextStream(client._decode, sampling.get("stop", ()))
+        stream = TextStream(client.decode, sampling.get("stop", ()))
         streamer = ChoiceStreamer(stream, on_delta, threading.Event())
         generation = client.generate(prompt, streamer=streamer, **sampling)  # a replay streams its tokens at once
         on_delta(stream.finish(generation.text))

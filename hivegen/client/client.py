@@ -154,7 +154,7 @@ class Client:
         do_sample = temperature is not None and temperature > 0
         return GenerationRequest(
             model=self.model_ref,
-            prompt_ids=tuple(self._encode(prompt)),
+            prompt_ids=tuple(self.encode(prompt)),
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=float(temperature) if do_sample and temperature is not None else 1.0,
@@ -324,7 +324,8 @@ class Client:
             verification=report.to_record(),
         )  # fmt: skip
 
-    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt (a string through the tokenizer, or ids as given); safe from many threads."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{self.path} has no tokenizer: pass the prompt as token ids")
@@ -335,20 +336,21 @@ class Client:
             raise ValueError("the prompt is empty")
         return ids
 
-    def _decode(self, tokens: Sequence[int]) -> str:
+    def decode(self, tokens: Sequence[int]) -> str:
+        """The text of generated tokens, special tokens left out ("" without a tokenizer); safe from many threads."""
         if self.tokenizer is None:
             return ""
         with self._tokenizer_lock:
             return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
 
     def _stop_index(self, tokens: Sequence[int], request: GenerationRequest) -> int | None:
-        text = self._decode(tokens)
+        text = self.decode(tokens)
         hits = [text.find(s) for s in request.stop if s and s in text]
         return min(hits) if hits else None
 
     def _text(self, tokens: Sequence[int], request: GenerationRequest) -> str:
         """The decoded output, cut before the first stop string."""
-        text = self._decode(tokens)
+        text = self.decode(tokens)
         cut = self._stop_index(tokens, request) if request.stop else None
         return text if cut is None else text[:cut]
 
