@@ -57,7 +57,7 @@ def test_a_retraction_of_streamed_text_is_reported() -> None:
 def test_the_streamer_reads_prompts_and_tokens_and_stops_when_cancelled() -> None:
     deltas: list[str] = []
     cancelled = threading.Event()
-    streamer = ChoiceStreamer(TextStream(decode), deltas.append, cancelled)
+    streamer = ChoiceStreamer(TextStream(decode), deltas.append, cancelled, pytest.fail)
     streamer.put(torch.tensor([[9, 9, 9]]))  # the prompt
     streamer.put(torch.tensor([1]))
     streamer.put(torch.tensor([2, 3]))
@@ -65,3 +65,19 @@ def test_the_streamer_reads_prompts_and_tokens_and_stops_when_cancelled() -> Non
     cancelled.set()
     with pytest.raises(GenerationCancelled):
         streamer.put(torch.tensor([5]))
+
+
+def test_after_a_retraction_the_streamer_goes_quiet_and_lets_the_corrected_run_finish() -> None:
+    deltas: list[str] = []
+    errors: list[StreamRetracted] = []
+    cancelled = threading.Event()
+    streamer = ChoiceStreamer(TextStream(decode), deltas.append, cancelled, errors.append)
+    streamer.put(torch.tensor([[9]]))
+    streamer.put(torch.tensor([1, 2]))
+    streamer.put(torch.tensor([[9]]))  # verification restarts the generation: "Hello" stands, " wor" does not
+    streamer.put(torch.tensor([1, 5]))
+    assert len(errors) == 1 and streamer.retracted
+    cancelled.set()  # the HTTP side has ended the stream; the corrected run must still reach the store
+    streamer.put(torch.tensor([3]))
+    streamer.finish("Hello!ld")
+    assert deltas == ["Hello wor"]

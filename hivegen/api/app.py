@@ -148,7 +148,7 @@ async def _complete(
         limit = _token_limit(served, body, prompt, default)
         for plan in await asyncio.to_thread(service.plan, served, prompt, body.n, limit, **sampling):
             plans.append(ChoicePlan(p * body.n + plan.index, plan.request, plan.replayed))
-    events, cancelled = service.start(served, plans, asyncio.get_running_loop())
+    events, cancelled = service.start(served, plans, asyncio.get_running_loop(), body.stream)
     replayed = "true" if all(p.replayed for p in plans) else "false"
     usage_prompt = sum(len(p) for p in prompts)
     if not body.stream:

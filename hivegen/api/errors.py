@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from hivegen.api.schemas import ApiParameterError
 from hivegen.api.service import ServerBusy, UnknownModel
+from hivegen.api.streaming import StreamRetracted
 from hivegen.credits.units import format_credits
 from hivegen.errors import (
     GenerationCancelled,
@@ -53,6 +54,8 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
         return 429, error_body(str(exc), "server_busy", None, "server_busy")
     if isinstance(exc, NoRouteError):
         return 503, error_body(str(exc), "no_route", None, "no_route", missing_blocks=exc.missing_blocks)
+    if isinstance(exc, StreamRetracted):
+        return 409, error_body(str(exc), "stream_retracted", None, "stream_retracted")
     if isinstance(exc, RemoteError | VerificationError | GenerationCancelled):
         return 502, error_body(str(exc), "swarm_error", None, "swarm_error")
     logger.exception("internal error in an API request", exc_info=exc)

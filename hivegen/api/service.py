@@ -159,10 +159,10 @@ class ApiService:
         return plans
 
     def start(
-        self, served: ServedModel, plans: Sequence[ChoicePlan], loop: asyncio.AbstractEventLoop
+        self, served: ServedModel, plans: Sequence[ChoicePlan], loop: asyncio.AbstractEventLoop, stream: bool
     ) -> tuple[asyncio.Queue[Event], threading.Event]:
-        """Run every planned choice on the pool; their events arrive on the returned queue. Setting the returned
-        event stops them at their next step (the HTTP client went away)."""
+        """Run every planned choice on the pool; their events (text deltas too, with `stream`) arrive on the
+        returned queue. Setting the returned event stops them at their next step (the HTTP client went away)."""
         with self._lock:
             if self._pending + len(plans) > self.max_pending:
                 raise ServerBusy(f"{self._pending} generations are running or waiting; retry in a few seconds")
@@ -170,7 +170,7 @@ class ApiService:
         events: asyncio.Queue[Event] = asyncio.Queue()
         cancelled = threading.Event()
         for plan in plans:
-            self._pool.submit(self._run, served, plan, loop, events, cancelled)
+            self._pool.submit(self._run, served, plan, loop, events, cancelled, stream)
         return events, cancelled
 
     def close(self) -> None:
@@ -185,21 +185,30 @@ class ApiService:
         loop: asyncio.AbstractEventLoop,
         events: asyncio.Queue[Event],
         cancelled: threading.Event,
+        stream: bool,
     ) -> None:
         def send(event: Event) -> None:
             with contextlib.suppress(RuntimeError):  # the loop has closed: the server is stopping
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         client = served.client
-        text = TextStream(client.decode, plan.request.stop)
-        streamer = ChoiceStreamer(text, lambda delta: send(Event(plan.index, delta=delta)), cancelled)
+        streamer = None
+        if stream:
+            streamer = ChoiceStreamer(
+                TextStream(client.decode, plan.request.stop), lambda delta: send(Event(plan.index, delta=delta)),
+                cancelled, lambda error: send(Event(plan.index, error=error)),
+            )  # fmt: skip
         try:
             with self._one_run_of(plan.request):
-                streamer.put(torch.tensor([plan.request.prompt_ids]))
+                if streamer is not None:
+                    streamer.put(torch.tensor([plan.request.prompt_ids]))
                 generation = client.run_request(plan.request, streamer=streamer)
-                if generation.replayed:
-                    streamer.put(torch.tensor(generation.tokens, dtype=torch.long))
-                send(Event(plan.index, delta=text.finish(generation.text)))
+                if streamer is not None:
+                    if generation.replayed:
+                        streamer.put(torch.tensor(generation.tokens, dtype=torch.long))
+                    if streamer.retracted:
+                        return  # the stream ended with the error; the corrected answer is stored
+                    streamer.finish(generation.text)
                 send(Event(plan.index, choice=Choice(generation, client.last_cost)))
         except Exception as exc:  # every failure goes to the request that caused it
             send(Event(plan.index, error=exc))

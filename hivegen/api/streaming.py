@@ -70,16 +70,30 @@ class TextStream:
 
 class ChoiceStreamer:
     """The streamer protocol `Client.generate` feeds (the prompt, then tokens; the prompt again after a
-    retraction), turned into text deltas for `on_delta`. Raises GenerationCancelled at the next token once
-    `cancelled` is set, which ends the generation at its next step."""
+    retraction), turned into text deltas for `on_delta`.
 
-    def __init__(self, text: TextStream, on_delta: Callable[[str], None], cancelled: threading.Event) -> None:
+    Raises GenerationCancelled at the next token once `cancelled` is set, which ends the generation at its next
+    step. If verification voids text already shown, `on_retracted` gets the StreamRetracted error once and the
+    streamer goes quiet, ignoring `cancelled`: the generation runs on to its corrected end and is stored, so that
+    asking again gets the right answer at once."""
+
+    def __init__(
+        self,
+        text: TextStream,
+        on_delta: Callable[[str], None],
+        cancelled: threading.Event,
+        on_retracted: Callable[[StreamRetracted], None],
+    ) -> None:
         self.text = text
         self.on_delta = on_delta
         self.cancelled = cancelled
+        self.on_retracted = on_retracted
+        self.retracted = False
         self._prompts = 0
 
     def put(self, value: torch.Tensor) -> None:
+        if self.retracted:
+            return
         if self.cancelled.is_set():
             raise GenerationCancelled("the HTTP client went away; the generation was stopped")
         if value.ndim == 2:  # the prompt: first, and again when verification restarts the generation
@@ -87,7 +101,18 @@ class ChoiceStreamer:
             if self._prompts > 1:
                 self.text.restart()
             return
-        self.on_delta(self.text.extend([int(t) for t in value.reshape(-1).tolist()]))
+        try:
+            delta = self.text.extend([int(t) for t in value.reshape(-1).tolist()])
+        except StreamRetracted as exc:
+            self.retracted = True
+            self.on_retracted(exc)
+            return
+        self.on_delta(delta)
+
+    def finish(self, text: str) -> None:
+        """The generation ended with `text`: send what is left of it (unless the stream was retracted)."""
+        if not self.retracted:
+            self.on_delta(self.text.finish(text))
 
     def end(self) -> None:
         pass

@@ -40,9 +40,13 @@ def reply(client: Any, conversation: Conversation, text: str, on_delta: Callable
     try:
         prompt = client.encode_chat(conversation.messages)
         stream = TextStream(client.decode, sampling.get("stop", ()))
-        streamer = ChoiceStreamer(stream, on_delta, threading.Event())
+        streamer = ChoiceStreamer(stream, on_delta, threading.Event(), lambda _: None)
         generation = client.generate(prompt, streamer=streamer, **sampling)  # a replay streams its tokens at once
-        on_delta(stream.finish(generation.text))
+        if streamer.retracted:  # verification voided text already shown: show the corrected answer whole
+            on_delta("\n(a node was caught lying; part of this answer was wrong. The corrected answer:)\n")
+            on_delta(generation.text)
+        else:
+            streamer.finish(generation.text)
     except BaseException:
         conversation.messages.pop()  # the turn did not happen
         raise
