@@ -117,13 +117,13 @@ def test_node_withdraws_its_blocks_on_sigterm(
 
 
 def cluster_up(
-    model: Path, nodes: int, tmp_path: Path, processes: list[subprocess.Popen[str]]
+    model: Path, nodes: int, tmp_path: Path, processes: list[subprocess.Popen[str]], *extra: str
 ) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     """Run `hivegen cluster up` and return it with its ready file's contents once written."""
     ready = tmp_path / "cluster.json"
     cluster = subprocess.Popen(
         [*HIVEGEN, "cluster", "up", "--model", str(model), "--nodes", str(nodes), "--node-threads", "1",
-         "--ready-file", str(ready)],
+         "--ready-file", str(ready), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     processes.append(cluster)
@@ -134,8 +134,10 @@ def cluster_up(
 def test_cluster_up_writes_ready_file_and_sigterm_stops_every_process(
     tiny_model: TinyFactory, processes: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:
-    cluster, info = cluster_up(tiny_model("llama"), 3, tmp_path, processes)
+    cluster, info = cluster_up(tiny_model("llama"), 3, tmp_path, processes, "--api-port", "0")
     assert info["initial_peers"] and info["initial_peers"][0].startswith("/ip4/127.0.0.1/")
+    with urllib.request.urlopen(info["api_url"] + "/models", timeout=10) as reply:  # --api-port: the API runs too
+        assert [m["id"] for m in json.load(reply)["data"]] == ["llama-6-00"]
     with urllib.request.urlopen(info["status_url"] + "/status", timeout=10) as reply:  # the cluster's coordinator
         (model,) = json.load(reply)["models"]
     assert model["covered"] and len(model["nodes"]) == 3 and info["coordinator"].startswith("127.0.0.1:")
@@ -152,13 +154,14 @@ def test_cluster_up_writes_ready_file_and_sigterm_stops_every_process(
     wait_for(lambda: all(gone(p) for p in tree), timeout=30, what="every process the cluster started to exit")
     output = cluster.stdout.read() if cluster.stdout else ""
     assert output.count("node pid") == 3 and "cluster stopped" in output
+    assert f"OpenAI-compatible API at {info['api_url']}" in output
 
 
 def test_nodes_exit_when_the_cluster_process_is_killed(
     tiny_model: TinyFactory, processes: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:
-    cluster, info = cluster_up(tiny_model("llama"), 2, tmp_path, processes)
-    tree = descendants(cluster.pid)
+    cluster, info = cluster_up(tiny_model("llama"), 2, tmp_path, processes, "--api-port", "0")
+    tree = descendants(cluster.pid)  # the API server among them
     assert {n["pid"] for n in info["nodes"]} < set(tree)
     os.kill(cluster.pid, signal.SIGKILL)
     cluster.wait()
