@@ -58,6 +58,10 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from hivegen.client.params import CLI_NAMES, check_sampling
+
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, names=CLI_NAMES)  # fmt: skip
     from transformers import AutoTokenizer, BatchEncoding, TextStreamer
 
     from hivegen.client import Client

@@ -459,3 +459,14 @@ def post_json(url: str, body: object) -> tuple[int, dict[str, str], dict]:
             return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, {k.lower(): v for k, v in error.headers.items()}, json.loads(error.read())
+
+
+def test_a_call_replayed_inside_a_trace_costs_nothing(wide_model: Path, cluster: LocalCluster) -> None:
+    with Client(wide_model, cluster.initial_peers, store=MemoryStore(), identity=Identity.generate(),
+                eos_token_ids=()) as client:  # fmt: skip
+        with client.trace("flow") as recording:
+            client.generate(PROMPT, max_new_tokens=4)
+        assert client.last_cost > 0
+        with client.trace("flow", replay=recording.ref):
+            replayed = client.generate(PROMPT, max_new_tokens=4)
+        assert replayed.replayed and client.last_cost == 0

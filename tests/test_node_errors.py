@@ -328,3 +328,24 @@ def test_a_cancelled_stream_frees_its_cache_tokens(
         assert info(stub).cache_tokens_free == total - 32
     after = wait_for_free_cache(stub)
     assert (after.cache_tokens_free, after.active_sessions) == (total, 0)
+
+
+def test_a_client_cancelling_its_stream_mid_step_is_not_logged_as_an_error(
+    stub: node_pb2_grpc.NodeStub, cluster: LocalCluster, hidden_size: int
+) -> None:
+    """Clients end streams by cancelling them (a finished generation, a user who left): the node's answer to a
+    step already running then has nowhere to go, which is normal and must not be logged as an internal error."""
+    before = info(stub).counters
+    for i in range(40):  # cancel at different moments of the step: before, during and as it answers
+        sid = new_id()
+        with Stream(stub) as stream:
+            stream.send(open_request(cluster.model_key, sid, max_length=128))
+            stream._requests.put(step_request(sid, 0, hidden_size, new=128))  # the answer is never read
+            time.sleep(0.0005 * i)
+    wait_for_free_cache(stub)
+    log = cluster.nodes[0].log_file.read_text()
+    assert "internal error" not in log and "Traceback" not in log
+    after = info(stub).counters
+    assert after.errors == before.errors and after.steps > before.steps  # steps ran; their answers found no one
+    with Stream(stub) as stream:  # and the node serves on
+        assert stream.send(open_request(cluster.model_key, new_id())).HasField("opened")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hivegen.client.sampling import check_sampling
+from hivegen.client.params import check_sampling
 from hivegen.errors import InvalidParameterError
 
 

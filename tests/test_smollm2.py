@@ -47,7 +47,7 @@ def test_greedy_answer_matches_transformers_token_for_token(smollm2: Path, clust
     input_ids = chat_ids(smollm2)
     local = AutoModelForCausalLM.from_pretrained(smollm2, attn_implementation="sdpa", dtype=torch.float32)
     expected = local.generate(input_ids=input_ids, max_new_tokens=16, do_sample=False)
-    with RemoteModelForCausalLM.from_pretrained(smollm2, cluster.initial_peers) as model:
+    with RemoteModelForCausalLM.from_pretrained("smollm2", cluster.initial_peers) as model:  # the name, as Client
         produced = model.generate(input_ids, max_new_tokens=16, do_sample=False)
         hops = len(model.last_route)
     assert hops == 3

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hivegen.client.sampling import check_sampling
+from hivegen.client.params import check_sampling
 
 MAX_N = 8  # choices per request: each is a generation through the swarm
 MAX_PROMPTS = 16  # prompts per /v1/completions request

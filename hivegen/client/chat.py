@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from hivegen.client.sampling import check_sampling
+from hivegen.client.params import CLI_NAMES, check_sampling
 
 COMMANDS = {"/reset": "forget the conversation (keeps --system)", "/exit": "leave (so do Ctrl-D and Ctrl-C)",
             "/help": "this list"}  # fmt: skip
@@ -55,11 +55,8 @@ def reply(client: Any, conversation: Conversation, text: str, on_delta: Callable
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    check_sampling(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, names={"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
-                               "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed"},
-    )  # fmt: skip
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, names=CLI_NAMES)  # fmt: skip
     from hivegen.client import Client
 
     out: TextIO = sys.stdout

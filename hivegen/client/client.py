@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer, BatchEncoding, GenerationConfig, PreTrainedTokenizerBase
 
 from hivegen.client.model import RemoteModelForCausalLM, Streamer
-from hivegen.client.sampling import check_sampling
+from hivegen.client.params import check_sampling
 from hivegen.client.trace import TraceRecorder
 from hivegen.coordinator.client import LedgerClient, open_account
 from hivegen.credits.identity import Identity
@@ -128,6 +128,7 @@ class Client:
         if streamer is not None:
             streamer.put(torch.tensor([request.prompt_ids]))
         run = functools.partial(self.run_request, streamer=streamer, timeout=timeout)
+        self.last_cost = 0  # a call a trace replays never reaches run_request
         generation = self._trace.call(request, run) if self._trace is not None else run(request)
         if streamer is not None:
             if generation.replayed:

@@ -22,6 +22,7 @@ from hivegen.client.verify import Reporter, Verifier
 from hivegen.credits.identity import Identity
 from hivegen.errors import GenerationRetracted, VerificationError
 from hivegen.model.checkpoint import ModelCheckpoint
+from hivegen.model.demo import resolve_model_path
 from hivegen.model.head import Blocks, ClientHead, position_ids_from_mask
 from hivegen.proto.tensors import dtype_from_name
 
@@ -89,7 +90,8 @@ class RemoteModelForCausalLM:
         bans: BanList | str | Path | None = None,
         coordinator: str | None = None,
     ) -> RemoteModelForCausalLM:
-        """Load only the local parts of the checkpoint in `path` and join the swarm via `initial_peers`.
+        """Load only the local parts of the checkpoint in `path` (or of a prepared demo model: "smollm2") and join
+        the swarm via `initial_peers`.
 
         Nodes that charge credits are paid with receipts signed by `identity` (an Identity or a key file;
         default: ~/.hivegen/identity, created on first use).
@@ -100,7 +102,7 @@ class RemoteModelForCausalLM:
         the seconds a node may take per step (default: 10x its measured step time, at least 2 s);
         `failover_seconds` bounds how long one step keeps routing around failed nodes.
         """
-        checkpoint = ModelCheckpoint.open(path)
+        checkpoint = ModelCheckpoint.open(resolve_model_path(str(path)))  # a directory, or a demo name: "smollm2"
         if isinstance(dtype, str):
             dtype = dtype_from_name(dtype)
         head = ClientHead(checkpoint, dtype=dtype or checkpoint.default_dtype(device), device=device)

@@ -98,6 +98,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                 context.set_trailing_metadata(exc.metadata)
             await context.abort(exc.code, exc.message, exc.metadata)
         except Exception as exc:  # a bug or a device error: this stream fails, the node keeps serving
+            if context.cancelled() or context.done():  # the client ended the stream (cancelled, went away): normal
+                logger.debug("stream ended by its client: %s", exc)
+                return
             self.sessions.count_error()
             logger.exception("internal error in an inference stream")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error on the node: {type(exc).__name__}: {exc}")

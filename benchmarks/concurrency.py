@@ -1,0 +1,134 @@
+"""Many users at once: aggregate speed of 1, 4, 8 and 16 concurrent clients through the same nodes.
+
+One LocalCluster (--hops nodes, one torch thread each); every client is its own process (spawned, its model
+loaded and warmed up before the clock starts) and generates --new-tokens greedily (eos off) from its own random
+prompt of --prompt-length tokens, all starting together. Per client count C:
+
+- aggregate tok/s: every client's new tokens / (last client's end - first client's start), and `x one` = that
+  over one client's tok/s: how much more the swarm serves when C users share it;
+- per-client step latency p50/p90 (decode steps through every node, from model.last_timings), and `x one`;
+- local transformers generating a batch of C prompts in this process (1 thread), tok/s and `x one`: what the
+  same compute gives when the sequences share one forward, the ceiling batching on the nodes aims at.
+
+Figures only, never assertions. Usage:
+python benchmarks/concurrency.py [--model tiny-llama|smollm2|DIR] [--hops 2] [--clients 1,4,8,16] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import resolve_model, run_script
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hivegen.cluster import LocalCluster
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def prompt_ids(path: Path, length: int, seed: int) -> list[int]:
+    vocab = int(AutoConfig.from_pretrained(path).vocab_size)
+    return torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def client_process(path: str, peers: list[str], prompt: list[int], new: int, ready: Any, go: Any, out: Any) -> None:
+    """One user: load the model, warm up, wait for the start, generate, report (start, end, step seconds)."""
+    torch.set_num_threads(1)
+    from hivegen.client import RemoteModelForCausalLM
+
+    with RemoteModelForCausalLM.from_pretrained(path, peers, verify="off") as model:
+        model.generate(torch.tensor([prompt]), max_new_tokens=2, eos_token_id=[])
+        ready.release()
+        go.wait()
+        began = time.perf_counter()
+        model.generate(torch.tensor([prompt]), max_new_tokens=new, eos_token_id=[])
+        ended = time.perf_counter()
+        out.put((began, ended, [t.seconds for t in model.last_timings[1:]]))
+
+
+def swarm_run(path: Path, peers: list[str], clients: int, length: int, new: int) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    workers = [ctx.Process(target=client_process, args=(str(path), peers, prompt_ids(path, length, seed), new,
+                                                          ready, go, out)) for seed in range(clients)]  # fmt: skip
+    for w in workers:
+        w.start()
+    try:
+        for _ in workers:
+            if not ready.acquire(timeout=600):
+                raise RuntimeError("a client process did not get ready in 10 minutes")
+        go.set()
+        results = [out.get(timeout=600) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(30)
+            if w.is_alive():
+                w.kill()
+    wall = max(r[1] for r in results) - min(r[0] for r in results)
+    steps = [s for r in results for s in r[2]]
+    return {"tok_s": clients * new / wall, "step_p50_ms": 1e3 * statistics.median(steps),
+            "step_p90_ms": 1e3 * percentile(steps, 0.9)}  # fmt: skip
+
+
+def local_run(path: Path, clients: int, length: int, new: int) -> float:
+    """transformers generating a batch of `clients` prompts at once: tok/s (best of two after a warm-up)."""
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    batch = torch.tensor([prompt_ids(path, length, seed) for seed in range(clients)])
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            began = time.perf_counter()
+            model.generate(batch, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            best = min(best, time.perf_counter() - began)
+    return clients * new / best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-llama", help="tiny-llama, smollm2, or a checkpoint directory")
+    parser.add_argument("--hops", type=int, default=2)
+    parser.add_argument("--clients", default="1,4,8,16", help="client counts, comma-separated (1 is the base)")
+    parser.add_argument("--prompt-length", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    counts = sorted({1, *(int(c) for c in args.clients.split(","))})
+    tmp = Path(tempfile.mkdtemp(prefix="hivegen-bench-concurrency-"))
+    path = resolve_model(args.model, tmp)
+    results: dict[str, Any] = {"model": path.name, "hops": args.hops, "new_tokens": args.new_tokens, "rows": {}}
+    with LocalCluster(path, nodes=args.hops, node_threads=1, work_dir=tmp / "cluster") as cluster:
+        for count in counts:
+            results["rows"][count] = swarm_run(path, cluster.initial_peers, count, args.prompt_length,
+                                               args.new_tokens)  # fmt: skip
+    for count in counts:
+        results["rows"][count]["local_tok_s"] = local_run(path, count, args.prompt_length, args.new_tokens)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    one = results["rows"][1]
+    print(f"{results['model']}: {args.hops} nodes, {args.new_tokens} new tokens per client, 1 torch thread each")
+    print(f"{'clients':>8}{'tok/s':>9}{'x one':>7}{'step p50':>10}{'p90 ms':>8}{'x one':>7}{'local tok/s':>13}"
+          f"{'x one':>7}")  # fmt: skip
+    for count in counts:
+        r = results["rows"][count]
+        print(f"{count:>8}{r['tok_s']:9.1f}{r['tok_s'] / one['tok_s']:7.2f}{r['step_p50_ms']:10.1f}"
+              f"{r['step_p90_ms']:8.1f}{r['step_p50_ms'] / one['step_p50_ms']:7.2f}{r['local_tok_s']:13.1f}"
+              f"{r['local_tok_s'] / one['local_tok_s']:7.2f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    run_script(main)
