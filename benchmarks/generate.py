@@ -13,7 +13,7 @@ same prompt runs through transformers' own generate (the baseline). Printed per 
 - token p50 and `+ms/hop` = (hivegen token p50 - local token p50) / h: a decode step as the caller
   sees it (LM head included), timed on both sides by a streamer's timestamps, so the local figure
   is close to (wall time / N) but leaves the prefill out; +ms/hop is what each hop adds per token.
-- EXACT/DIFF: whether hivegen produced exactly the baseline's tokens (DESIGN.md's correctness bar).
+- EXACT/DIFF: whether hivegen produced exactly the baseline's tokens (hivegen's correctness bar).
 - startup (LocalCluster.start() until every block is announced) and RSS of every node and the client.
 
 Threads: the nodes get max(1, cpus // h) torch threads each (they take turns, one hop at a time),

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, cast
 from hivegen import __version__
 from hivegen.credits.units import format_credits
 from hivegen.errors import HivegenError
-from hivegen.files import write_json_atomic
+from hivegen.files import IDENTITY_DEFAULT, STORE_DEFAULT, write_json_atomic
 from hivegen.process import StopSignals, tie_process_tree
 
 if TYPE_CHECKING:
@@ -102,7 +102,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         charges = client.remote.last_charges if client.last_cost else {}
     source = "replayed from the store" if generation.replayed else f"{len(generation.step_seconds)} network steps"
     cost = f"{format_credits(client.last_cost)} credits" + (
-        " (" + ", ".join(f"{account}: {format_credits(units)}" for account, units in charges.items()) + ")"
+        f" paid by {client.identity.account} ("
+        + ", ".join(f"{account}: {format_credits(units)}" for account, units in charges.items())
+        + ")"
         if charges
         else ""
     )
@@ -279,7 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = commands.add_parser("cluster", help="a local multi-process cluster").add_subparsers(
         dest="cluster_cmd", required=True
     )
-    up = cluster.add_parser("up", help="start a DHT peer and N nodes on this machine; Ctrl-C stops them all")
+    up = cluster.add_parser(
+        "up",
+        help="start a coordinator and N nodes on this machine; Ctrl-C stops them all",
+        description="Start a coordinator (DHT bootstrap peer, credit ledger, status page) and N `hivegen node serve` "
+        "processes splitting the model's blocks evenly, each with its own identity, charging credits through the "
+        "coordinator; with --api-port, also the OpenAI-compatible API. Ctrl-C or SIGTERM stops them all.",
+    )
     up.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
     up.add_argument("--nodes", type=int, default=3, help="node processes; the blocks are split evenly")
     up.add_argument("--host", default="127.0.0.1")
@@ -304,14 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text through the swarm, streamed to the terminal")
     gen.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
     gen.add_argument("--initial-peers", nargs="+", required=True, help="DHT multiaddrs of the swarm")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--store", help="record the generation here (default: $HIVEGEN_STORE, else ~/.hivegen/store)")
-    gen.add_argument("--identity", help="key file that pays nodes which charge (default: ~/.hivegen/identity)")
+    gen.add_argument("--prompt", required=True, help="the text to answer (or to continue, with --no-chat)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to generate (default 64)")
+    gen.add_argument("--seed", type=int, help="make sampling reproducible (and the answer replayable from the store)")
+    gen.add_argument("--temperature", type=float, help="sample at this temperature in (0, 2] (default: greedy)")
+    gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    gen.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this probability")
+    gen.add_argument("--store", help=f"record the generation here {STORE_DEFAULT}")
+    gen.add_argument("--identity", help=f"key file that pays nodes which charge {IDENTITY_DEFAULT}")
     gen.add_argument("--coordinator", help="HOST:PORT of the coordinator: reports of lying nodes go there")
     gen.add_argument("--verify", default="default",
                      help="re-run node work elsewhere: off, default (sampled), all, or a rate in [0, 1]")  # fmt: skip
@@ -348,9 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_evidence_check)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--store", metavar="DIR", help="store directory (default: $HIVEGEN_STORE, else ~/.hivegen/store)"
-    )
+    common.add_argument("--store", metavar="DIR", help=f"store directory {STORE_DEFAULT}")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
     store = commands.add_parser("store", help="inspect the store of recorded generations").add_subparsers(
         dest="store_cmd", required=True

@@ -22,3 +22,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     tmp.write_bytes(data)
     tmp.replace(target)
+
+
+# Defaults of the commands' file flags, as their help texts say them.
+STORE_DEFAULT = "(default: $HIVEGEN_STORE, else $HIVEGEN_HOME/store, else ~/.hivegen/store)"
+IDENTITY_DEFAULT = "(default: $HIVEGEN_IDENTITY, else $HIVEGEN_HOME/identity, else ~/.hivegen/identity)"

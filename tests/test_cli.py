@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
-from hivegen.credits.identity import is_account
+from hivegen.credits.identity import Identity, default_identity_path, default_node_identity_path, is_account
 from hivegen.dht import fetch_spans, start_dht
 from hivegen.model.checkpoint import ModelCheckpoint
 from tests.conftest import TinyFactory, wait_for
@@ -95,6 +95,11 @@ def test_node_serve_without_peers_starts_a_swarm_others_can_join(
     assert node.wait(30) == 0
     output = node.stdout.read() if node.stdout else ""
     assert "--initial-peers " + " ".join(info["initial_peers"]) in output  # how others join the new swarm
+    # The node's own key, not the client's: a user who runs both never pays himself. It says which it uses.
+    node_key = default_node_identity_path()
+    node_account = Identity.load(node_key).account
+    assert f"node account {node_account} (key {node_key})" in output
+    assert node_account != Identity.load_or_create(default_identity_path()).account
 
 
 def test_node_withdraws_its_blocks_on_sigterm(

@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from hivegen.files import write_json_atomic
+from hivegen.files import IDENTITY_DEFAULT, STORE_DEFAULT, write_json_atomic
 from hivegen.process import StopSignals, tie_process_tree
 
 API_KEY_ENV = "HIVEGEN_API_KEY"
@@ -90,9 +90,8 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of the swarm to join")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000; 0: any free port)")
-    serve.add_argument("--store", help="store of recorded generations (default: $HIVEGEN_HOME/store)")
-    serve.add_argument("--identity", help="key file of the account that pays nodes (default: $HIVEGEN_IDENTITY or "
-                       "~/.hivegen/identity)")  # fmt: skip
+    serve.add_argument("--store", help=f"store of recorded generations {STORE_DEFAULT}")
+    serve.add_argument("--identity", help=f"key file of the account that pays nodes {IDENTITY_DEFAULT}")
     serve.add_argument("--coordinator", help="HOST:PORT of the ledger, to report lying nodes")
     serve.add_argument(
         "--api-key", help=f"require `Authorization: Bearer KEY` on /v1 (default: ${API_KEY_ENV}; none: open)"

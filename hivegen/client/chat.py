@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from hivegen.client.params import CLI_NAMES, check_sampling
+from hivegen.files import IDENTITY_DEFAULT, STORE_DEFAULT
 
 COMMANDS = {"/reset": "forget the conversation (keeps --system)", "/exit": "leave (so do Ctrl-D and Ctrl-C)",
             "/help": "this list"}  # fmt: skip
@@ -117,8 +118,8 @@ def add_commands(commands: Any) -> None:
     chat.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this probability")
     chat.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     chat.add_argument("--seed", type=int, help="make sampled answers reproducible (and replayable from the store)")
-    chat.add_argument("--store", help="store of recorded generations (default: $HIVEGEN_HOME/store)")
-    chat.add_argument("--identity", help="key file of the account that pays nodes (default: ~/.hivegen/identity)")
+    chat.add_argument("--store", help=f"store of recorded generations {STORE_DEFAULT}")
+    chat.add_argument("--identity", help=f"key file of the account that pays nodes {IDENTITY_DEFAULT}")
     chat.add_argument("--coordinator", help="HOST:PORT of the ledger, to report lying nodes")
     chat.add_argument("--verify", help='re-execution of node work: "off", a rate in [0, 1], or "all"')
     chat.set_defaults(handler=cmd_chat)

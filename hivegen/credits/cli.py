@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hivegen.credits.grants import DEFAULT_PROOF_BITS, DEFAULT_STARTER_GRANT
+from hivegen.errors import CreditsError
 
 COORDINATOR_ENV = "HIVEGEN_COORDINATOR"
 
@@ -40,10 +41,17 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _identity(args: argparse.Namespace) -> Any:
+def _identity(args: argparse.Namespace, create: bool = False) -> Any:
+    """The key named by --identity (which must exist, unless `create`), else the default one (created on first
+    use): reading the balance of a key file that a typo just created would only ever say 0."""
     from hivegen.credits.identity import Identity
 
-    return Identity.load_or_create(Path(args.identity) if args.identity else None)
+    if args.identity and not create and not Path(args.identity).expanduser().exists():
+        raise CreditsError(
+            f"no key file at {args.identity}: pass the path of an existing identity, or create one with "
+            f"`hivegen credits open --identity {args.identity}`"
+        )
+    return Identity.load_or_create(Path(args.identity).expanduser() if args.identity else None)
 
 
 def cmd_balance(args: argparse.Namespace) -> int:
@@ -68,7 +76,7 @@ def cmd_open(args: argparse.Namespace) -> int:
     from hivegen.coordinator.client import LedgerClient, open_account
     from hivegen.credits.units import credits_value, format_credits
 
-    identity = _identity(args)
+    identity = _identity(args, create=True)
     with LedgerClient(_coordinator(args)) as ledger:
         policy = ledger.grant_policy()
         if policy.grant_units and not args.json:
@@ -145,12 +153,13 @@ def cmd_verify_journal(args: argparse.Namespace) -> int:
 
 def cmd_coordinator_serve(args: argparse.Namespace) -> int:
     from hivegen.coordinator.server import Coordinator, CoordinatorConfig
+    from hivegen.model.demo import hivegen_home
     from hivegen.process import StopSignals, tie_process_tree
 
     tie_process_tree()
     coordinator = Coordinator(
         CoordinatorConfig(
-            data=Path(args.data).expanduser(),
+            data=Path(args.data).expanduser() if args.data else hivegen_home() / "coordinator",
             host=args.host,
             port=args.port,
             dht_port=args.dht_port,
@@ -218,7 +227,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     serve.add_argument("--port", type=int, default=0, help="ledger gRPC port (0: any free port)")
     serve.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
     serve.add_argument("--http-port", type=int, default=0, help="status page port (0: any free port)")
-    serve.add_argument("--data", default=str(Path.home() / ".hivegen" / "coordinator"), help="ledger directory")
+    serve.add_argument("--data", help="ledger directory (default: $HIVEGEN_HOME/coordinator, else "
+                       "~/.hivegen/coordinator)")  # fmt: skip
     serve.add_argument("--starter-grant", type=int, default=DEFAULT_STARTER_GRANT,
                        help=f"credits a new account gets once (default {DEFAULT_STARTER_GRANT}; 0: credits are only "
                        "earned by serving)")  # fmt: skip

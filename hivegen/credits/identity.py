@@ -70,6 +70,12 @@ def default_identity_path() -> Path:
     return hivegen_home() / "identity"
 
 
+def default_node_identity_path() -> Path:
+    """A node's own key, apart from its owner's client identity (a client must never pay its own node):
+    `$HIVEGEN_HOME/node/identity`, else `~/.hivegen/node/identity`."""
+    return hivegen_home() / "node" / "identity"
+
+
 @dataclass(frozen=True)
 class Identity:
     """An Ed25519 private key with the account and public key it implies; the key itself stays out of repr."""

@@ -77,6 +77,8 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
     try:
         node.start()
         print(f"hivegen node: serving blocks {start}:{end} of {node.model_key} at {node.address}", flush=True)
+        if node.identity is not None:
+            print(f"node account {node.identity.account} (key {node.identity_path})", flush=True)
         if node.billing is not None:
             print(f"charging credits to {node.billing.account} (ledger {args.coordinator})", flush=True)
         if not args.initial_peers:
@@ -153,8 +155,10 @@ def add_commands(commands: Any) -> None:
     paid = serve.add_argument_group("credits", "charge clients for the work served (needs --coordinator)")
     paid.add_argument("--coordinator", help="HOST:PORT of the coordinator's ledger; omit to serve for free")
     paid.add_argument("--identity", help="the node's key: signs its DHT records and answers, and is the account "
-                      "paid (default: $HIVEGEN_IDENTITY, else ~/.hivegen/identity)")  # fmt: skip
-    paid.add_argument("--data", help="directory of unsubmitted receipts (default: ~/.hivegen/node)")
+                      "paid (default: $HIVEGEN_HOME/node/identity, apart from your client identity, so that your "
+                      "client never pays your own node)")  # fmt: skip
+    paid.add_argument("--data", help="directory of unsubmitted receipts (default: $HIVEGEN_HOME/node, else "
+                      "~/.hivegen/node)")  # fmt: skip
     paid.add_argument("--unpaid-steps", type=int, default=1, help="steps a session's receipts may lag (default 1)")
     paid.add_argument(
         "--unpaid-credits",

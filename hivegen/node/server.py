@@ -13,7 +13,7 @@ import hivemind
 import torch
 
 from hivegen import __version__
-from hivegen.credits.identity import Identity
+from hivegen.credits.identity import Identity, default_node_identity_path
 from hivegen.credits.outbox import ReceiptOutbox
 from hivegen.dht import Announcer, ModelInfo, SpanRecord, node_id, start_dht, visible_maddrs
 from hivegen.files import write_json_atomic
@@ -60,8 +60,8 @@ class NodeConfig:
     unlimited_networks: tuple[str, ...] = LOOPBACK  # client networks the per-client limits spare (CIDR)
     ready_file: Path | None = None  # written as JSON once the node serves and is announced
     coordinator: str | None = None  # HOST:PORT of the ledger; set to charge credits for the work served
-    identity: Path | None = None  # the node's key (default: $HIVEGEN_IDENTITY, else ~/.hivegen/identity)
-    data: Path | None = None  # where unsubmitted receipts are kept (default: ~/.hivegen/node)
+    identity: Path | None = None  # the node's key (default: $HIVEGEN_HOME/node/identity, not the client's)
+    data: Path | None = None  # where unsubmitted receipts are kept (default: $HIVEGEN_HOME/node)
     unpaid_steps: int = 1  # steps a session's receipts may lag behind the work served
     unpaid_credits: int = 1000  # credits a known client may owe while the ledger is unreachable
     submit_interval: float = 1.0  # seconds between receipt submissions to the ledger
@@ -80,6 +80,7 @@ class NodeServer:
         self.throughput = 0.0
         self.billing: Billing | None = None
         self.identity: Identity | None = None
+        self.identity_path: Path | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -97,7 +98,8 @@ class NodeServer:
         span = BlockSpan(checkpoint, cfg.start, cfg.end, dtype, cfg.device, cfg.attn_implementation)
         self.model_key = checkpoint.model_key
         # The node's key: it signs every answer and owns its DHT records; with a coordinator, it is paid too.
-        self.identity = Identity.load_or_create(cfg.identity)
+        self.identity_path = cfg.identity or default_node_identity_path()
+        self.identity = Identity.load_or_create(self.identity_path)
         if cfg.coordinator:
             self.billing = self._billing(span)
         self.sessions = SessionManager(span, self.model_key, cfg.cache_tokens, self.billing)

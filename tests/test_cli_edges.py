@@ -1,0 +1,83 @@
+"""What a newcomer trying the README runs into, through the real command: one clear line and a non-zero exit for
+every mistake, help texts that say what the defaults are. No swarm is needed for any of it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HIVEGEN = [sys.executable, "-m", "hivegen"]
+PEERS = ["--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*HIVEGEN, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1, not 0"),
+        (["--top-p", "2"], "--top-p: must be a number in (0, 1], not 2.0"),
+        (["--temperature", "-1"], "--temperature: must be a number in [0, 2] (0 is greedy), not -1.0"),
+        (["--top-k", "0"], "--top-k: must be an integer >= 1, not 0"),
+        (["--seed", "-3"], "--seed: must be an integer in [0, 2**63 - 1], not -3"),
+    ],
+)
+def test_generate_refuses_bad_sampling_flags_in_one_line_before_loading_anything(
+    flags: list[str], says: str, tmp_path: Path
+) -> None:
+    done = run("generate", "--model", str(tmp_path / "no-model"), "--prompt", "hi", *PEERS, *flags)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"hivegen: error: {says}"  # the flag, not the missing model: checked first
+
+
+def test_chat_refuses_bad_sampling_flags_the_same_way(tmp_path: Path) -> None:
+    done = run("chat", "--model", str(tmp_path / "no-model"), *PEERS, "--top-p", "0")
+    assert (done.returncode, done.stderr.strip()) == (2, "hivegen: error: --top-p: must be a number in (0, 1], not 0.0")
+
+
+def test_a_balance_for_a_key_file_that_does_not_exist_is_an_error_not_zero(tmp_path: Path) -> None:
+    missing = tmp_path / "nonsense"
+    done = run("credits", "balance", "--identity", str(missing), "--coordinator", "127.0.0.1:9")
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith(f"hivegen: error: no key file at {missing}")
+    assert "Traceback" not in done.stderr and not missing.exists()  # no key was made up on the way
+
+
+def test_credits_balance_takes_no_account_argument() -> None:
+    done = run("credits", "balance", "nonsense")
+    assert done.returncode == 2 and "unrecognized arguments: nonsense" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "phrases"),
+    [
+        (["generate"], ["$HIVEGEN_HOME/store", "the most tokens to generate", "sample from the smallest set",
+                        "replayable from the store", "$HIVEGEN_IDENTITY"]),
+        (["cluster", "up"], ["coordinator", "--api-port", "OpenAI-compatible API"]),
+        (["store", "ls"], ["$HIVEGEN_HOME/store"]),
+        (["node", "serve"], ["$HIVEGEN_HOME/node", "never pays your own node"]),
+        (["coordinator", "serve"], ["$HIVEGEN_HOME/coordinator"]),
+        (["api", "serve"], ["$HIVEGEN_HOME/store", "--api-key", "x-hivegen-replayed"]),
+        (["chat"], ["/reset", "$HIVEGEN_HOME/store"]),
+    ],
+)  # fmt: skip
+def test_help_texts_say_what_the_defaults_are(command: list[str], phrases: list[str]) -> None:
+    done = run(*command, "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())  # argparse wraps lines
+    for phrase in phrases:
+        assert phrase in text, (command, phrase)
+
+
+def test_benchmark_help_cites_only_what_the_repository_has() -> None:
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "benchmarks/generate.py", "--help"], capture_output=True, text=True,
+                          cwd=root, timeout=120)  # fmt: skip
+    assert done.returncode == 0
+    for cited in {word.strip("().,;:`'") for word in done.stdout.split() if word.strip("().,;:`'").endswith(".md")}:
+        assert (root / cited).exists(), cited
