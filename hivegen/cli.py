@@ -379,12 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     gc.set_defaults(handler=cmd_store_gc)
     from hivegen.api.cli import add_commands as add_api_commands
     from hivegen.client.chat import add_commands as add_chat_commands
+    from hivegen.coordinator.status_cli import add_commands as add_status_commands
     from hivegen.credits.cli import add_commands as add_credit_commands
     from hivegen.node.cli import add_commands as add_node_commands
 
     add_node_commands(commands)
     add_api_commands(commands)
     add_chat_commands(commands)
+    add_status_commands(commands)
 
     add_credit_commands(commands)
     return parser

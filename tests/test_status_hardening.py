@@ -6,6 +6,7 @@ the attacker's own fresh keys: the owner-signature validator accepts them, so on
 
 from __future__ import annotations
 
+import html
 import json
 import socket
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 import hivemind
 import pytest
 from hivemind.utils import get_dht_time
+from prometheus_client.parser import text_string_to_metric_families
 
 from hivegen.cli import terminal_safe
 from hivegen.coordinator.server import Coordinator, CoordinatorConfig
@@ -316,3 +318,27 @@ def test_announcing_a_model_beyond_the_bounds_is_refused_before_it_is_stored(swa
 def test_terminal_safe_escapes_control_and_bidi_characters() -> None:
     assert terminal_safe("node\x1b[31m\u202e\x07 é") == "node\\x1b[31m\\u202e\\x07 é"
     assert terminal_safe("a" * 500).endswith("...") and len(terminal_safe("a" * 500)) == 203
+
+
+def test_the_status_page_escapes_swarm_strings_and_allows_no_script(swarm: Swarm) -> None:
+    model, attacker = f"0page-{uuid.uuid4().hex[:8]}", Identity.generate()  # sorts first: listed under the cap
+    name = '<img src=x onerror="document.title=1">"><script>alert(2)</script>'
+    register(swarm.attacker, attacker, model, name, 2)
+    node = owned_subkey("12D3KooWPage", attacker.public_key_hex)
+    announce_span(swarm.attacker, model, span(node, 0, 1, version='"><b>v</b>'), TTL, attacker)
+    reply = http(swarm, "/")
+    assert reply.code == 200 and reply.headers["Content-Type"] == "text/html; charset=utf-8"
+    policy = reply.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "script-src" not in policy  # no script may run, from anywhere
+    page = reply.body.decode()
+    assert "<script" not in page and "<img" not in page and "<b>v</b>" not in page
+    assert html.escape(name, quote=True) in page and "coverage gap: blocks 1 are served by no node" in page
+
+
+def test_metrics_are_prometheus_text_about_every_model(swarm: Swarm) -> None:
+    reply = http(swarm, "/metrics")
+    assert reply.code == 200 and reply.headers["Content-Type"].startswith("text/plain; version=")
+    families = {f.name: f for f in text_string_to_metric_families(reply.body.decode())}
+    covered = {s.labels["model"]: s.value for s in families["hivegen_model_covered"].samples}
+    assert covered[swarm.honest_model] == 1.0
+    assert families["hivegen_models"].samples[0].value >= 1

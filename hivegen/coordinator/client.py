@@ -106,6 +106,10 @@ class LedgerClient:
     def grant_policy(self) -> ledger_pb2.GrantPolicy:
         return self._call(self._stub.GetGrantPolicy, ledger_pb2.GrantPolicyRequest())
 
+    def info(self) -> ledger_pb2.CoordinatorInfo:
+        """Where the coordinator's status page is, and its version."""
+        return self._call(self._stub.GetInfo, ledger_pb2.CoordinatorInfoRequest())
+
     def top(self, limit: int = 10) -> list[ledger_pb2.TopEntry]:
         return list(self._call(self._stub.Top, ledger_pb2.TopRequest(limit=limit)).entries)
 

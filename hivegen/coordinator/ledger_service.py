@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import grpc
 
+from hivegen import __version__
 from hivegen.credits.auth import CallRefused, check_call
 from hivegen.credits.ledger import Ledger
 from hivegen.credits.receipts import GRANT_PROOF_NEEDED, Receipt, SignedReceipt
@@ -60,6 +61,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
     def __init__(self, ledger: Ledger, serving: IsServing | None = None) -> None:
         self.ledger = ledger
         self.serving = serving
+        self.status_url = ""  # set once the coordinator's HTTP face is up
         self._verified: ledger_pb2.VerifyResponse | None = None
         self._verify_lock = threading.Lock()
 
@@ -136,6 +138,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
     ) -> ledger_pb2.GrantPolicy:
         policy = self.ledger.grant_policy
         return ledger_pb2.GrantPolicy(grant_units=policy.grant_units, proof_bits=policy.bits, salt=policy.salt)
+
+    def GetInfo(
+        self, request: ledger_pb2.CoordinatorInfoRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.CoordinatorInfo:
+        return ledger_pb2.CoordinatorInfo(status_url=self.status_url, version=__version__)
 
     def _verify(self) -> ledger_pb2.VerifyResponse:
         now = time.time()

@@ -14,10 +14,12 @@ import grpc
 import hivemind
 
 from hivegen.coordinator.ledger_service import LedgerServicer
+from hivegen.coordinator.metrics import coordinator_metrics
+from hivegen.coordinator.page import PAGE_CSP, render_page
 from hivegen.coordinator.report_store import DEFAULT_EVIDENCE_BUDGET, ReportsServicer, ReportStore
 from hivegen.coordinator.reports import MAX_EVIDENCE_BYTES
 from hivegen.coordinator.serving import ServingAccounts
-from hivegen.coordinator.status import StatusServer, leaderboard, swarm_status
+from hivegen.coordinator.status import Page, StatusServer, leaderboard, swarm_status
 from hivegen.credits.grants import DEFAULT_PROOF_BITS, DEFAULT_STARTER_GRANT
 from hivegen.credits.ledger import Ledger
 from hivegen.dht import start_dht, visible_maddrs
@@ -81,8 +83,14 @@ class Coordinator:
             cfg.http_port,
             {"/status": lambda: swarm_status(dht, reports), "/leaderboard": lambda: leaderboard(ledger)},
             {"/evidence/": reports.evidence},
-        )
+            pages={
+                "/": lambda: Page(render_page(swarm_status(dht, reports), leaderboard(ledger)),
+                                  "text/html; charset=utf-8", PAGE_CSP),
+                "/metrics": lambda: coordinator_metrics(swarm_status(dht, reports), leaderboard(ledger)),
+            },
+        )  # fmt: skip
         self.status.start()
+        servicer.status_url = self.status_url
         if cfg.ready_file is not None:
             write_json_atomic(cfg.ready_file, self.info())
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import hivemind
 
+from hivegen.credits.identity import account_of
 from hivegen.credits.ledger import Ledger
 from hivegen.credits.units import credits_value
 from hivegen.dht import ModelInfo, SpanRecord, fetch_models, fetch_spans
@@ -93,12 +94,16 @@ def _model_status(dht: hivemind.DHT, info: ModelInfo, timeout: float) -> dict[st
         "nodes": [
             {
                 "node_id": s.node_id,
+                "account": account_of(s.owner),
                 "address": s.address,
                 "blocks": [s.start, s.end],
                 "throughput": s.throughput,
+                "active_sessions": s.active_sessions,
                 "cache_tokens_free": s.cache_tokens_free,
+                "cache_tokens_total": s.cache_tokens_total,
                 "dtype": s.dtype,
                 "version": s.version,
+                "updated_at": s.updated_at,
             }
             for s in spans[:MAX_STATUS_NODES]
         ],
@@ -236,9 +241,22 @@ class BoundedRoute:
         run.done.set()
 
 
+@dataclass(frozen=True)
+class Page:
+    """A text answer (HTML, Prometheus metrics) and the headers it is served with."""
+
+    text: str
+    content_type: str
+    csp: str = SECURITY_HEADERS["Content-Security-Policy"]
+
+
+PageRoute = Callable[[], Page]
+
+
 class StatusServer:
-    """A small threaded HTTP server; routes are functions returning JSON-able dicts (each run as a BoundedRoute),
-    byte routes serve files. Every response carries SECURITY_HEADERS; errors are JSON too."""
+    """A small threaded HTTP server; routes are functions returning JSON-able dicts, page routes return a Page
+    (each run as a BoundedRoute), byte routes serve files. Every response carries SECURITY_HEADERS; errors are
+    JSON."""
 
     def __init__(
         self,
@@ -248,8 +266,11 @@ class StatusServer:
         byte_routes: dict[str, BytesRoute] | None = None,
         wait_s: float = REQUEST_WAIT_S,
         stale_s: float = STALE_LIMIT_S,
+        pages: dict[str, PageRoute] | None = None,
     ) -> None:
         routes_ = {path: BoundedRoute(route, path, wait_s, stale_s) for path, route in routes.items()}
+        for path, page in (pages or {}).items():
+            routes_[path] = BoundedRoute(lambda page=page: {"page": page()}, path, wait_s, stale_s)  # type: ignore[misc]
         byte_routes_ = byte_routes or {}
 
         class Handler(BaseHTTPRequestHandler):
@@ -272,7 +293,24 @@ class StatusServer:
                 except Exception as exc:  # a status page must not take the coordinator down
                     self._send(500, {"error": _cut(str(exc) if isinstance(exc, RouteFailed) else repr(exc))})
                 else:
-                    self._send(200, body, {"Age": str(int(age))} if age is not None else {})
+                    headers = {"Age": str(int(age))} if age is not None else {}
+                    if isinstance(body.get("page"), Page):
+                        self._send_page(body["page"], headers)
+                    else:
+                        self._send(200, body, headers)
+
+            def _send_page(self, page: Page, headers: dict[str, str]) -> None:
+                data = page.text.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", page.content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Cache-Control", "no-store")
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self._csp = page.csp
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
 
             def _send_bytes(self, route: BytesRoute, name: str) -> None:
                 try:
@@ -312,8 +350,10 @@ class StatusServer:
                 self._send(code, {"error": _cut(reason)}, {"Connection": "close"})
 
             def end_headers(self) -> None:
-                for name, value in SECURITY_HEADERS.items():
-                    self.send_header(name, value)
+                csp = getattr(self, "_csp", "") or SECURITY_HEADERS["Content-Security-Policy"]
+                self._csp = ""
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.send_header("Content-Security-Policy", csp)
                 super().end_headers()
 
             def log_message(self, format: str, *args: Any) -> None:

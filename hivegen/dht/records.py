@@ -25,6 +25,9 @@ def block_key(model_key: str, block: int) -> str:
     return f"{model_key}.block.{block}"
 
 
+MAX_COUNT = 1 << 48  # bound on the counts a record may claim
+
+
 @dataclass(frozen=True)
 class SpanRecord:
     """What one node serves and how fast; stored under every block key of its span, subkey = node_id."""
@@ -38,6 +41,9 @@ class SpanRecord:
     dtype: str  # dtype the blocks run in and tensors travel as, e.g. "float32"
     version: str  # hivegen version of the node, so clients can skip incompatible ones
     state: str = "online"  # "online" while serving; "offline" once withdrawn
+    active_sessions: int = 0  # sessions open on the node now (its load); 0 in records of older nodes
+    cache_tokens_total: int = 0  # the node's whole KV-cache budget; 0: not said (older nodes)
+    updated_at: float = 0.0  # DHT time at which the node announced this record; 0: not said
 
     def __post_init__(self) -> None:
         _check_node_id(self.node_id)
@@ -59,6 +65,10 @@ class SpanRecord:
             raise ValueError(f"span record has dtype {self.dtype!r}; blocks run in one of {DTYPES}")
         if self.state not in STATES:
             raise ValueError(f"span record has unknown state {self.state!r}; expected one of {STATES}")
+        if not 0 <= self.active_sessions <= MAX_COUNT or not 0 <= self.cache_tokens_total <= MAX_COUNT:
+            raise ValueError("span record has active_sessions or cache_tokens_total outside 0..2**48")
+        if not (math.isfinite(self.updated_at) and self.updated_at >= 0):
+            raise ValueError(f"span record has updated_at {self.updated_at}; it must be a time >= 0")
 
     @property
     def owner(self) -> str:
@@ -81,6 +91,9 @@ class SpanRecord:
             "dtype": self.dtype,
             "version": self.version,
             "state": self.state,
+            "active_sessions": self.active_sessions,
+            "cache_tokens_total": self.cache_tokens_total,
+            "updated_at": float(self.updated_at),
         }
 
     @classmethod
@@ -100,6 +113,9 @@ class SpanRecord:
             dtype=_field(data, "dtype", str),
             version=_field(data, "version", str),
             state=_field(data, "state", str, default="online"),
+            active_sessions=_field(data, "active_sessions", int, default=0),
+            cache_tokens_total=_field(data, "cache_tokens_total", int, default=0),
+            updated_at=float(_field(data, "updated_at", float, default=0.0)),
         )
 
 

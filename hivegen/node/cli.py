@@ -71,7 +71,7 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
             open_timeout=args.open_timeout, session_idle_timeout=args.session_idle_timeout,
             max_sessions_per_client=args.max_sessions_per_client,
             max_cache_tokens_per_client=args.max_cache_tokens_per_client,
-            unlimited_networks=args.unlimited_networks,
+            unlimited_networks=args.unlimited_networks, metrics_port=args.metrics_port,
         )
     )  # fmt: skip
     try:
@@ -79,6 +79,8 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         print(f"hivegen node: serving blocks {start}:{end} of {node.model_key} at {node.address}", flush=True)
         if node.identity is not None:
             print(f"node account {node.identity.account} (key {node.identity_path})", flush=True)
+        if node.metrics_url:
+            print(f"metrics at {node.metrics_url}", flush=True)
         if node.billing is not None:
             print(f"charging credits to {node.billing.account} (ledger {args.coordinator})", flush=True)
         if not args.initial_peers:
@@ -114,6 +116,9 @@ def add_commands(commands: Any) -> None:
     )
     serve.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     serve.add_argument("--ready-file", help="write JSON here once serving and announced")
+    serve.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics (steps, tokens, "
+                       "sessions, errors, step latency, cache use) at http://HOST:PORT/metrics (0: any free port; "
+                       "default: off)")  # fmt: skip
     limits = serve.add_argument_group("limits", "keep one client (or a crowd of idle streams) from taking the node")
     limits.add_argument(
         "--open-timeout",

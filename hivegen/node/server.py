@@ -11,6 +11,7 @@ from pathlib import Path
 
 import hivemind
 import torch
+from hivemind.utils import get_dht_time
 
 from hivegen import __version__
 from hivegen.credits.identity import Identity, default_node_identity_path
@@ -24,6 +25,7 @@ from hivegen.model.support import require_servable
 from hivegen.node.aio_server import AioServer
 from hivegen.node.billing import Billing
 from hivegen.node.limits import LOOPBACK, ClientQuotas, parse_networks
+from hivegen.node.metrics import NodeMetrics
 from hivegen.node.servicer import NodeServicer, StreamLimits
 from hivegen.node.sessions import SessionManager
 from hivegen.proto import node_pb2_grpc
@@ -59,6 +61,7 @@ class NodeConfig:
     max_cache_tokens_per_client: int | None = None  # cache tokens one client may reserve; None: half of cache_tokens
     unlimited_networks: tuple[str, ...] = LOOPBACK  # client networks the per-client limits spare (CIDR)
     ready_file: Path | None = None  # written as JSON once the node serves and is announced
+    metrics_port: int | None = None  # serve Prometheus metrics on host:port (0: any free port); None: off
     coordinator: str | None = None  # HOST:PORT of the ledger; set to charge credits for the work served
     identity: Path | None = None  # the node's key (default: $HIVEGEN_HOME/node/identity, not the client's)
     data: Path | None = None  # where unsubmitted receipts are kept (default: $HIVEGEN_HOME/node)
@@ -81,6 +84,8 @@ class NodeServer:
         self.billing: Billing | None = None
         self.identity: Identity | None = None
         self.identity_path: Path | None = None
+        self.metrics: NodeMetrics | None = None
+        self.metrics_url = ""
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -133,6 +138,9 @@ class NodeServer:
         )
         self.announcer.start()
         self.sessions.on_change = self.announcer.announce_now  # free cache changed: re-announce it (debounced)
+        if cfg.metrics_port is not None:
+            self.metrics = NodeMetrics(self.sessions)
+            self.metrics_url = f"http://{cfg.host}:{self.metrics.start(cfg.host, cfg.metrics_port)}/metrics"
         if self.billing is not None:
             self.billing.start()
         if cfg.ready_file is not None:
@@ -161,6 +169,9 @@ class NodeServer:
             cache_tokens_free=self.sessions.cache_tokens_free,
             dtype=DTYPE_NAMES[self.sessions.span.dtype],
             version=__version__,
+            active_sessions=self.sessions.active_sessions,
+            cache_tokens_total=self.sessions.cache_tokens_total,
+            updated_at=get_dht_time(),
         )
 
     def join_addresses(self) -> list[str]:
@@ -180,6 +191,8 @@ class NodeServer:
             self.server.stop(grace=2.0)
         if self.servicer is not None:
             self.servicer.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.billing is not None:
             self.billing.stop()  # one last submission; what is left waits in the outbox
         if self.dht is not None:
@@ -214,6 +227,7 @@ class NodeServer:
             "model_key": self.model_key,
             "initial_peers": self.join_addresses(),
             "account": self.billing.account if self.billing is not None else "",
+            "metrics_url": self.metrics_url,
         }
         write_json_atomic(path, data)
 

@@ -72,6 +72,7 @@ class SessionManager:
         self._compute = threading.Lock()  # one forward at a time: the span's device is shared
         self.max_positions = int(getattr(span.config, "max_position_embeddings", 1 << 20))
         self.on_change: Callable[[], None] | None = None  # called when the free cache changes (re-announce it)
+        self.on_step: Callable[[float], None] | None = None  # gets every step's compute seconds (metrics)
 
     @property
     def cache_tokens_free(self) -> int:
@@ -189,6 +190,8 @@ class SessionManager:
             self.counters.steps += 1
             self.counters.tokens_processed += new * session.batch_size
             self.counters.compute_seconds += seconds
+        if self.on_step is not None:
+            self.on_step(seconds)
         return out, seconds
 
     def settle(self, session: Session, req: node_pb2.Settle) -> int:

@@ -175,3 +175,15 @@ class GrantPolicy(_message.Message):
     proof_bits: int
     salt: str
     def __init__(self, grant_units: _Optional[int] = ..., proof_bits: _Optional[int] = ..., salt: _Optional[str] = ...) -> None: ...
+
+class CoordinatorInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CoordinatorInfo(_message.Message):
+    __slots__ = ("status_url", "version")
+    STATUS_URL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    status_url: str
+    version: str
+    def __init__(self, status_url: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...

@@ -69,6 +69,11 @@ class LedgerStub:
                 request_serializer=ledger__pb2.GrantPolicyRequest.SerializeToString,
                 response_deserializer=ledger__pb2.GrantPolicy.FromString,
                 _registered_method=True)
+        self.GetInfo = channel.unary_unary(
+                '/hivegen.Ledger/GetInfo',
+                request_serializer=ledger__pb2.CoordinatorInfoRequest.SerializeToString,
+                response_deserializer=ledger__pb2.CoordinatorInfo.FromString,
+                _registered_method=True)
 
 
 class LedgerServicer:
@@ -116,6 +121,12 @@ class LedgerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +164,11 @@ def add_LedgerServicer_to_server(servicer, server):
                     servicer.GetGrantPolicy,
                     request_deserializer=ledger__pb2.GrantPolicyRequest.FromString,
                     response_serializer=ledger__pb2.GrantPolicy.SerializeToString,
+            ),
+            'GetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInfo,
+                    request_deserializer=ledger__pb2.CoordinatorInfoRequest.FromString,
+                    response_serializer=ledger__pb2.CoordinatorInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +360,33 @@ class Ledger:
             '/hivegen.Ledger/GetGrantPolicy',
             ledger__pb2.GrantPolicyRequest.SerializeToString,
             ledger__pb2.GrantPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivegen.Ledger/GetInfo',
+            ledger__pb2.CoordinatorInfoRequest.SerializeToString,
+            ledger__pb2.CoordinatorInfo.FromString,
             options,
             channel_credentials,
             insecure,
