@@ -3,7 +3,7 @@
     python examples/records.py [MODEL] [--store DIR]
 
 MODEL is a checkpoint directory or a prepared demo model (default: smollm2). Without --store the
-records go to a fresh temporary directory, so every run starts from an empty store.
+records go to a fresh temporary directory, removed at the end, so every run starts from an empty store.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--store", default=None, help="store directory (default: a fresh temporary one)")
     args = parser.parse_args()
     path = resolve_model_path(args.model)
-    store = args.store or tempfile.mkdtemp(prefix="hivegen-store-")
+    temporary = tempfile.TemporaryDirectory(prefix="hivegen-store-") if args.store is None else None
+    store = args.store or temporary.name  # type: ignore[union-attr]
     with LocalCluster(path, nodes=2) as cluster, Client(path, cluster.initial_peers, store=store) as client:
         prompt = "The three most useful kitchen tools are" if client.tokenizer else [5, 17, 99, 42, 7]
 
@@ -58,7 +59,12 @@ def main() -> None:
         with client.trace("example", replay=rewound) as resampled:
             flow()
         print(f"after rewind(1): {[g.replayed for g in resampled.calls]} (the last call is sampled anew)")
-        print(f"records are in {store}; list them with: hivegen store ls --store {store}")
+        if temporary is None:
+            print(f"records are in {store}; list them with: hivegen store ls --store {store}")
+        else:
+            print("records were in a temporary store, removed at exit; pass --store DIR to keep them")
+    if temporary is not None:
+        temporary.cleanup()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     cluster = LocalCluster(_model_path(args.model), nodes=args.nodes, host=args.host, dtype=args.dtype,
                            node_threads=args.node_threads, coordinator=True,
                            starter_grant=args.starter_grant,
-                           grant_proof_bits=args.grant_proof_of_work, api_port=args.api_port)  # fmt: skip
+                           grant_proof_bits=args.grant_proof_of_work, api_port=args.api_port,
+                           work_dir=args.work_dir)  # fmt: skip
     print(f"starting a coordinator and {len(cluster.spans)} nodes for {cluster.model_key} ...", flush=True)
     stop = StopSignals()
     try:
@@ -43,6 +44,8 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         for node in cluster.nodes:
             print(f"node pid {node.pid}: blocks {node.blocks[0]}:{node.blocks[1]} at {node.address}", flush=True)
         print(f"ready in {cluster.ready_seconds:.1f} s; initial peers: {' '.join(cluster.initial_peers)}", flush=True)
+        kept = "removed when the cluster stops; pass --work-dir DIR to keep them" if cluster.temporary else "kept"
+        print(f"logs: {cluster.work_dir}/node-*/node.log ({kept})", flush=True)
         if cluster.coordinator is not None:
             status = f"{cluster.coordinator.status_url}/status"
             print(f"coordinator (ledger) at {cluster.coordinator.address}; swarm status at {status}", flush=True)
@@ -307,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ready file as api_url",
     )  # fmt: skip
     up.add_argument("--ready-file", help="write JSON (initial_peers, nodes) here once every block is announced")
+    up.add_argument("--work-dir", metavar="DIR", help="keep the cluster's files here: node logs, identities, the "
+                    "ledger, receipts (default: a temporary directory, removed when the cluster stops)")  # fmt: skip
     up.set_defaults(handler=cmd_cluster_up)
 
     gen = commands.add_parser("generate", help="generate text through the swarm, streamed to the terminal")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,6 +123,9 @@ class LocalCluster:
         self.host = host
         self.dtype = dtype
         self.node_threads = node_threads or max(1, (os.cpu_count() or 1) // len(self.spans))
+        # Without a work_dir, a temporary one (identities, ledger, logs, receipts) removed by stop() unless
+        # start-up failed (its logs say why).
+        self.temporary = not work_dir
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="hivegen-cluster-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.node_args = node_args or []
@@ -162,6 +166,7 @@ class LocalCluster:
             if self.api_port is not None:
                 self.start_api(self.api_port, self.api_args)
         except BaseException:
+            self.temporary = False  # keep the logs that say what went wrong
             self.stop()
             raise
         self.ready_seconds = time.monotonic() - self.started_at
@@ -367,6 +372,8 @@ class LocalCluster:
         elif self.dht is not None:
             self.dht.shutdown()
         self.dht = None
+        if self.temporary:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self.start()

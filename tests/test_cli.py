@@ -160,6 +160,8 @@ def test_cluster_up_writes_ready_file_and_sigterm_stops_every_process(
     output = cluster.stdout.read() if cluster.stdout else ""
     assert output.count("node pid") == 3 and "cluster stopped" in output
     assert f"OpenAI-compatible API at {info['api_url']}" in output
+    logs = output.split("logs: ", 1)[1].split("/node-*/node.log (removed when the cluster stops", 1)[0]
+    assert Path(logs).name.startswith("hivegen-cluster-") and not Path(logs).exists()  # said where, then cleaned
 
 
 def test_nodes_exit_when_the_cluster_process_is_killed(
