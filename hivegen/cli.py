@@ -19,6 +19,8 @@ from hivegen.process import StopSignals, tie_process_tree
 if TYPE_CHECKING:
     import torch
 
+    from hivegen.store.records import ModelRef
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -219,7 +221,7 @@ def cmd_store_export(args: argparse.Namespace) -> int:
     from hivegen.store import inspect
 
     store = inspect.open_existing_store(_store_dir(args))
-    rows = list(inspect.export_rows(store, _prompt_decoder(args.tokenizer) if args.tokenizer else None))
+    rows = list(inspect.export_rows(store, _record_decoder(args.tokenizer)))
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if not args.output:
         sys.stdout.write(lines)
@@ -230,6 +232,45 @@ def cmd_store_export(args: argparse.Namespace) -> int:
     else:
         print(f"exported {len(rows)} generations to {args.output}", flush=True)
     return 0
+
+
+def _record_decoder(spec: str | None) -> Callable[[ModelRef, Sequence[int]], str | None]:
+    """Prompt text for export: with `spec`, that tokenizer for every record; else each record's own model's, when a
+    checkpoint of that name and weights digest is a prepared demo model or a directory here (else no text)."""
+    if spec:
+        decoder = _prompt_decoder(spec)
+        return lambda _model, ids: decoder(ids)
+    from hivegen.model.demo import models_dir
+
+    found: dict[ModelRef, Callable[[Sequence[int]], str] | None] = {}
+
+    def decode(model: ModelRef, ids: Sequence[int]) -> str | None:
+        if model not in found:
+            found[model] = _own_decoder(model)
+            if found[model] is None:
+                print(f"note: no tokenizer found for model {model.name} (looked in {models_dir()} and here); "
+                      "pass --tokenizer DIR for its prompt text", file=sys.stderr)  # fmt: skip
+        decoder = found[model]
+        return decoder(ids) if decoder is not None else None
+
+    return decode
+
+
+def _own_decoder(model: ModelRef) -> Callable[[Sequence[int]], str] | None:
+    from hivegen.errors import ModelLoadError
+    from hivegen.model.checkpoint import ModelCheckpoint
+    from hivegen.model.demo import models_dir
+
+    for base in (models_dir(), Path.cwd()):
+        path = base / model.name
+        if not (path / "config.json").is_file():
+            continue
+        try:
+            if ModelCheckpoint.open(path).digest == model.digest:
+                return _prompt_decoder(str(path))
+        except (ModelLoadError, OSError):
+            continue
+    return None
 
 
 def _prompt_decoder(spec: str) -> Callable[[Sequence[int]], str]:

@@ -328,3 +328,29 @@ def test_exit_codes_of_the_command(filled: Any) -> None:
     flip_one_byte(store, first.ref)
     corrupt = hivegen("verify")
     assert corrupt.returncode == 1 and first.ref in corrupt.stdout
+
+
+def test_export_decodes_prompts_with_the_records_own_model_when_it_is_here(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --tokenizer: a record whose model (same name, same weights digest) is a directory here gets its prompt
+    text from that model's tokenizer; a record of a model not found keeps ids only, and the export says so."""
+    from transformers import AutoTokenizer
+
+    from hivegen.model.checkpoint import ModelCheckpoint
+    from hivegen.model.tiny_chat import make_tiny_chat_model
+
+    chat = make_tiny_chat_model(tmp_path / "mychat", num_layers=1)
+    monkeypatch.chdir(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(chat)
+    prompt = tokenizer("Hello! How are you?")["input_ids"]
+    store = DirectoryStore(tmp_path / "store")
+    own = GenerationRequest(model=ModelRef("mychat", ModelCheckpoint.open(chat).digest), prompt_ids=tuple(prompt),
+                            max_new_tokens=1)  # fmt: skip
+    GenerationIndex(store).commit(Generation(request=own, tokens=(5,), text="x", finish_reason="length",
+                                             created_at=1.0))  # fmt: skip
+    commit(store, [1, 2, 3], [7], "y", created_at=2.0)  # the "tiny" model: nowhere here
+    code, out, err = run(capsys, "export", "--store", store.location)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and rows[0]["prompt"] == "Hello! How are you?" and "prompt" not in rows[1]
+    assert "no tokenizer found for model tiny" in err and "--tokenizer" in err

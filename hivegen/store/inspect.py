@@ -17,7 +17,7 @@ from hivegen.store.backend import CorruptObjectError, InvalidNameError, ObjectSt
 from hivegen.store.directory import DirectoryStore
 from hivegen.store.encoding import EncodingError, is_ref
 from hivegen.store.index import GenerationIndex
-from hivegen.store.records import GENERATION_KIND, TRACE_KIND, Generation
+from hivegen.store.records import GENERATION_KIND, TRACE_KIND, Generation, ModelRef
 
 # The pointer namespace hivegen.client.trace.TRACES writes (that module imports torch, so it is not imported here).
 TRACES = "traces"
@@ -26,7 +26,7 @@ SHORT = 12  # hex characters of a ref shown in tables
 PREFIX_PATTERN = re.compile(r"^[0-9a-f]+$")
 PREVIEW_CHARS = 40
 
-Decode = Callable[[Sequence[int]], str]
+Decode = Callable[[ModelRef, Sequence[int]], str | None]  # a record's model and prompt ids -> its text, if known
 OnError = Callable[[str, StoreError], None]
 
 
@@ -217,15 +217,16 @@ def view_object(store: ObjectStore, ref: str) -> ObjectView:
 
 
 def export_rows(store: ObjectStore, decode: Decode | None = None) -> Iterator[dict[str, Any]]:
-    """One training-style row per generation, oldest first; "prompt" text only when a tokenizer's `decode` is given."""
+    """One training-style row per generation, oldest first; "prompt" text when `decode(model, ids)` gives one."""
     for g in generations(store):
         row: dict[str, Any] = {
             "ref": g.ref,
             "model": {"name": g.request.model.name, "digest": g.request.model.digest},
             "prompt_ids": list(g.request.prompt_ids),
         }
-        if decode is not None:
-            row["prompt"] = decode(g.request.prompt_ids)
+        text = decode(g.request.model, g.request.prompt_ids) if decode is not None else None
+        if text is not None:
+            row["prompt"] = text
         row.update(completion=g.text, completion_ids=list(g.tokens), finish_reason=g.finish_reason)
         yield row
 
