@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, cast
 
 from hivegen import __version__
 from hivegen.credits.units import format_credits
-from hivegen.errors import HivegenError
+from hivegen.errors import HivegenError, ModelLoadError
 from hivegen.files import IDENTITY_DEFAULT, STORE_DEFAULT, write_json_atomic
+from hivegen.peers import add_peers_argument, check_peers
 from hivegen.process import StopSignals, tie_process_tree
 
 if TYPE_CHECKING:
@@ -67,13 +68,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, names=CLI_NAMES)  # fmt: skip
+    check_peers(args.initial_peers)
     from transformers import AutoTokenizer, BatchEncoding, TextStreamer
 
     from hivegen.client import Client
     from hivegen.store.inspect import verified_label
 
     path = _model_path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ModelLoadError(
+            f"{path} has no tokenizer that loads ({why}); `hivegen generate` needs one for --prompt: use a "
+            "checkpoint with its tokenizer files"
+        ) from None
     use_chat = args.chat if args.chat is not None else tokenizer.chat_template is not None
     input_ids: torch.Tensor
     if use_chat:
@@ -357,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text through the swarm, streamed to the terminal")
     gen.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
-    gen.add_argument("--initial-peers", nargs="+", required=True, help="DHT multiaddrs of the swarm")
+    add_peers_argument(gen, required=True, help="DHT multiaddrs of the swarm")
     gen.add_argument("--prompt", required=True, help="the text to answer (or to continue, with --no-chat)")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to generate (default 64)")
     gen.add_argument("--seed", type=int, help="make sampling reproducible (and the answer replayable from the store)")

@@ -3,11 +3,15 @@ every mistake, help texts that say what the defaults are. No swarm is needed for
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from hivegen.model.tiny_chat import make_tiny_chat_model
 
 HIVEGEN = [sys.executable, "-m", "hivegen"]
 PEERS = ["--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"]
@@ -81,3 +85,45 @@ def test_benchmark_help_cites_only_what_the_repository_has() -> None:
     assert done.returncode == 0
     for cited in {word.strip("().,;:`'") for word in done.stdout.split() if word.strip("().,;:`'").endswith(".md")}:
         assert (root / cited).exists(), cited
+
+
+@pytest.mark.parametrize(
+    ("peer", "why"),
+    [
+        ("garbage", "it must begin with /"),
+        ("/ip4/1.2.3.4/tcp/9", "it must end in /p2p/PEER_ID"),
+        ("/ip4/999.1.1.1/tcp/9/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN", "is not an ip4 address"),
+        ("/ip4/1.2.3.4/tcp/99999/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN", "between 1 and 65535"),
+        ("/ip4/1.2.3.4/tcp/9/p2p/not-a-peer-id", "is not a peer id"),
+    ],
+)
+def test_a_malformed_initial_peer_is_refused_in_one_line_before_anything_starts(
+    peer: str, why: str, tmp_path: Path
+) -> None:
+    done = run("generate", "--model", str(tmp_path / "no-model"), "--prompt", "hi", "--initial-peers", peer)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"hivegen: error: initial peer {peer!r} is not a peer's multiaddr: ")
+    assert why in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_generate_with_a_model_without_a_tokenizer_says_so(tiny_model: Any) -> None:
+    done = run("generate", "--model", str(tiny_model("llama")), "--prompt", "hi", *PEERS)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "has no tokenizer" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_initial_peers_come_from_the_environment_when_no_flag_gives_them(tmp_path: Path) -> None:
+    env = {**os.environ, "HIVEGEN_INITIAL_PEERS": "garbage, /ip4/1.2.3.4/tcp/9"}
+    done = subprocess.run([*HIVEGEN, "generate", "--model", str(tmp_path / "m"), "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert done.returncode == 2 and "initial peer 'garbage'" in done.stderr  # read, split, checked
+    assert "--initial-peers" in run("generate", "--help").stdout.replace("\n", " ")
+
+
+def test_a_peer_that_does_not_answer_is_named_without_the_daemons_text(tmp_path: Path) -> None:
+    silent = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+    model = make_tiny_chat_model(tmp_path / "chat", num_layers=1)
+    done = run("generate", "--model", str(model), "--prompt", "hi", "--initial-peers", silent, timeout=120)
+    assert done.returncode == 2
+    assert f"hivegen: error: could not join the swarm via {silent}: no peer answered there" in done.stderr
+    assert "Daemon failed" not in done.stderr and "Traceback" not in done.stderr

@@ -204,3 +204,19 @@ def test_killed_node_is_replaced_and_tokens_are_unchanged(
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in doomed):
         assert time.monotonic() < deadline, "the killed node left processes behind"
         time.sleep(0.2)
+
+
+def test_a_model_no_node_serves_is_reported_without_waiting_for_nodes_that_never_come(
+    cluster: LocalCluster, tiny_model: TinyFactory
+) -> None:
+    """route_wait lets nodes that are starting fill the gaps of a model; when not a single node of the model is
+    announced, the answer comes within seconds, not after route_wait."""
+    other = tiny_model("llama", seed=7)  # other weights: another model key, served by nobody
+    began = time.monotonic()
+    with (
+        RemoteModelForCausalLM.from_pretrained(other, cluster.initial_peers, route_wait=600) as model,
+        pytest.raises(NoRouteError) as info,
+    ):
+        model.generate(prompt(0), max_new_tokens=2)
+    assert info.value.missing_blocks == list(range(6))
+    assert time.monotonic() - began < 120  # far below the 600 s it would wait for nodes of a model being started

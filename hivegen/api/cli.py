@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hivegen.files import IDENTITY_DEFAULT, STORE_DEFAULT, write_json_atomic
+from hivegen.peers import add_peers_argument, check_peers
 from hivegen.process import StopSignals, tie_process_tree
 
 API_KEY_ENV = "HIVEGEN_API_KEY"
@@ -24,6 +25,7 @@ def cmd_api_serve(args: argparse.Namespace) -> int:
     from hivegen.api.app import create_app
     from hivegen.api.service import ApiService
 
+    check_peers(args.initial_peers)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     sock = socket.create_server((args.host, args.port), reuse_port=False)  # bound first: a taken port fails fast
     service = ApiService.open(
@@ -87,7 +89,7 @@ def add_commands(commands: Any) -> None:
         "--model", action="append", required=True, metavar="NAME_OR_DIR",
         help="checkpoint directory or prepared demo model name; repeat to serve several",
     )  # fmt: skip
-    serve.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs of the swarm to join")
+    add_peers_argument(serve, required=False, help="DHT multiaddrs of the swarm to join")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000; 0: any free port)")
     serve.add_argument("--store", help=f"store of recorded generations {STORE_DEFAULT}")

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 from hivegen.client.params import CLI_NAMES, check_sampling
 from hivegen.files import IDENTITY_DEFAULT, STORE_DEFAULT
+from hivegen.peers import add_peers_argument, check_peers
 
 COMMANDS = {"/reset": "forget the conversation (keeps --system)", "/exit": "leave (so do Ctrl-D and Ctrl-C)",
             "/help": "this list"}  # fmt: skip
@@ -58,6 +59,7 @@ def reply(client: Any, conversation: Conversation, text: str, on_delta: Callable
 def cmd_chat(args: argparse.Namespace) -> int:
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, names=CLI_NAMES)  # fmt: skip
+    check_peers(args.initial_peers)
     from hivegen.client import Client
 
     out: TextIO = sys.stdout
@@ -111,7 +113,7 @@ def add_commands(commands: Any) -> None:
         + "; ".join(f"{k} {v}" for k, v in COMMANDS.items()),
     )
     chat.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
-    chat.add_argument("--initial-peers", nargs="+", required=True, help="DHT multiaddrs of the swarm")
+    add_peers_argument(chat, required=True, help="DHT multiaddrs of the swarm")
     chat.add_argument("--system", help="a system message that starts (and survives /reset of) the conversation")
     chat.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens (default 256)")
     chat.add_argument("--temperature", type=float, help="sample at this temperature in (0, 2] (default: greedy)")

@@ -23,6 +23,9 @@ from hivegen.proto.options import grpc_options
 WITNESS_COSTS = RoutingCosts(hop_seconds=1000.0, low_cache_seconds=0.0)
 
 
+EMPTY_SWARM_WAIT = 2.0  # seconds to keep looking when no node of the model is announced at all
+
+
 class SwarmView:
     """Finds nodes serving `model_key` and hands out stubs to reach them.
 
@@ -77,7 +80,8 @@ class SwarmView:
         With `wait`, keeps looking up to route_wait seconds while blocks are missing (nodes starting up); a
         re-route after a failure does not wait: a dead node's blocks with no replacement are reported at once.
         """
-        deadline = time.monotonic() + (self.route_wait if wait else 0.0)
+        began = time.monotonic()
+        deadline = began + (self.route_wait if wait else 0.0)
         fresh = bool(exclude)  # re-routing after a failure: look again
         while True:
             avoid = set(exclude) | self.health.excluded()
@@ -96,7 +100,10 @@ class SwarmView:
                 if not fresh:  # the cached view may be stale: look once more before waiting
                     fresh = True
                     continue
-                if time.monotonic() >= deadline:
+                # Nodes of the model that are starting may fill the gaps: wait for them. With no node of the model
+                # at all there is nothing to wait for but a record on its way: answer within EMPTY_SWARM_WAIT.
+                anyone = bool(self._cached and self._cached[1])
+                if time.monotonic() >= (deadline if anyone else min(deadline, began + EMPTY_SWARM_WAIT)):
                     raise
                 time.sleep(0.5)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from hivegen.credits.grants import DEFAULT_PROOF_BITS, DEFAULT_STARTER_GRANT
 from hivegen.errors import CreditsError
+from hivegen.peers import add_peers_argument
 
 COORDINATOR_ENV = "HIVEGEN_COORDINATOR"
 
@@ -236,10 +237,5 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
                        help=f"leading zero bits of the proof of work a grant costs (default {DEFAULT_PROOF_BITS}: "
                        "about 10 s of one CPU core)")  # fmt: skip
     serve.add_argument("--ready-file", help="write JSON here once serving")
-    serve.add_argument(
-        "--initial-peers",
-        nargs="*",
-        default=[],
-        help="DHT multiaddrs of a swarm to join (default: start a new swarm as its bootstrap peer)",
-    )
+    add_peers_argument(serve, required=False, help="DHT multiaddrs of a swarm to join (none: start a new swarm)")
     serve.set_defaults(handler=cmd_coordinator_serve)

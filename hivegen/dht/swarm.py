@@ -10,6 +10,7 @@ import hivemind
 
 from hivegen.dht.signing import OwnerSignatureValidator, owned_subkey
 from hivegen.errors import HivegenError
+from hivegen.peers import check_peers
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def start_dht(
     Every peer (node, client, coordinator) installs the owner-signature validator: it refuses to store, and
     ignores when reading, any record not signed by the owner of its subkey.
     """
-    peers = [str(peer) for peer in initial_peers or ()]
+    peers = check_peers([str(peer) for peer in initial_peers or ()])  # before the daemon: a typo is one line
     proto = "ip6" if ":" in host else "ip4"
     try:
         return hivemind.DHT(
@@ -55,9 +56,12 @@ def start_dht(
         )
     except Exception as e:
         if peers:
+            # p2pd's own text ("Daemon failed to start: <timestamp> failed to connect to bootstrap peers") says
+            # less than this, and in its own format: name what happened instead.
+            why = "no peer answered there" if "bootstrap peers" in str(e) else str(e).splitlines()[0][:300]
             raise SwarmError(
-                f"could not join the swarm via {', '.join(peers)}: {e}; check --initial-peers "
-                "(each must be the full multiaddr of a running peer, /ip4/HOST/tcp/PORT/p2p/PEER_ID)"
+                f"could not join the swarm via {', '.join(peers)}: {why}; check --initial-peers (each must be the "
+                "multiaddr of a running peer, /ip4/HOST/tcp/PORT/p2p/PEER_ID, as the cluster or a node prints it)"
             ) from e
         raise SwarmError(f"could not start a DHT peer on {host}:{port}: {e}") from e
 

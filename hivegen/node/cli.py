@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hivegen.model.demo import resolve_model_path
+from hivegen.peers import add_peers_argument
 from hivegen.process import StopSignals, tie_process_tree
 
 
@@ -101,7 +102,7 @@ def add_commands(commands: Any) -> None:
     serve = node.add_parser("serve", help="serve a span of a model's blocks and announce it in the DHT")
     serve.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
     serve.add_argument("--blocks", required=True, type=_blocks, help="START:END, the blocks to serve")
-    serve.add_argument("--initial-peers", nargs="*", default=[], help="DHT multiaddrs to join (none: new swarm)")
+    add_peers_argument(serve, required=False, help="DHT multiaddrs to join (none: start a new swarm)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind and announce")
     serve.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     serve.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
