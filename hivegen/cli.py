@@ -8,18 +8,14 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from hivegen import __version__
-from hivegen.credits.units import format_credits
 from hivegen.errors import HivegenError, ModelLoadError
-from hivegen.files import IDENTITY_DEFAULT, STORE_DEFAULT, write_json_atomic
-from hivegen.peers import add_peers_argument, check_peers
+from hivegen.files import STORE_DEFAULT, write_json_atomic
 from hivegen.process import StopSignals, tie_process_tree
 
 if TYPE_CHECKING:
-    import torch
-
     from hivegen.store.records import ModelRef
 
 Handler = Callable[[argparse.Namespace], int]
@@ -60,77 +56,6 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     finally:
         cluster.stop()
     print("cluster stopped", flush=True)
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from hivegen.client.params import CLI_NAMES, check_sampling
-
-    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, names=CLI_NAMES)  # fmt: skip
-    check_peers(args.initial_peers)
-    from transformers import AutoTokenizer, BatchEncoding, TextStreamer
-
-    from hivegen.client import Client
-    from hivegen.store.inspect import verified_label
-
-    path = _model_path(args.model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise ModelLoadError(
-            f"{path} has no tokenizer that loads ({why}); `hivegen generate` needs one for --prompt: use a "
-            "checkpoint with its tokenizer files"
-        ) from None
-    use_chat = args.chat if args.chat is not None else tokenizer.chat_template is not None
-    input_ids: torch.Tensor
-    if use_chat:
-        # With return_dict=True this returns a BatchEncoding; transformers types it as a union of every mode.
-        encoded = cast(
-            BatchEncoding,
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": args.prompt}],
-                add_generation_prompt=True,
-                return_tensors="pt",
-                return_dict=True,
-            ),
-        )
-        input_ids = encoded["input_ids"]
-    else:
-        input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with Client(
-        path, args.initial_peers, store=args.store, tokenizer=tokenizer, identity=args.identity,
-        coordinator=args.coordinator, verify=args.verify, replay=args.replay, timeout=args.timeout,
-    ) as client:  # fmt: skip
-        generation = client.generate(
-            input_ids[0].tolist(),
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            streamer=streamer,
-        )
-        charges = client.remote.last_charges if client.last_cost else {}
-    source = "replayed from the store" if generation.replayed else f"{len(generation.step_seconds)} network steps"
-    cost = f"{format_credits(client.last_cost)} credits" + (
-        f" paid by {client.identity.account} ("
-        + ", ".join(f"{account}: {format_credits(units)}" for account, units in charges.items())
-        + ")"
-        if charges
-        else ""
-    )
-    verified = verified_label(generation.verification)
-    alone = sum(h.get("result") == "unverifiable" for h in generation.verification.get("hops", []))
-    if alone:
-        verified += f" ({alone} with no other node to re-run them)"
-    print(f"[{generation.finish_reason}; {source}; cost {cost}; verified {verified}; ref {generation.ref[:16]}]",
-          file=sys.stderr, flush=True)  # fmt: skip
-    for liar in generation.verification.get("liars", []):
-        print(f"[node {liar} was caught returning wrong hidden states: banned and regenerated without]",
-              file=sys.stderr, flush=True)  # fmt: skip
     return 0
 
 
@@ -266,7 +191,6 @@ def _record_decoder(spec: str | None) -> Callable[[ModelRef, Sequence[int]], str
 
 
 def _own_decoder(model: ModelRef) -> Callable[[Sequence[int]], str] | None:
-    from hivegen.errors import ModelLoadError
     from hivegen.model.checkpoint import ModelCheckpoint
     from hivegen.model.demo import models_dir
 
@@ -285,8 +209,6 @@ def _own_decoder(model: ModelRef) -> Callable[[Sequence[int]], str] | None:
 def _prompt_decoder(spec: str) -> Callable[[Sequence[int]], str]:
     """Decode prompt ids with the tokenizer of a checkpoint directory or demo model (special tokens kept)."""
     from transformers import AutoTokenizer
-
-    from hivegen.errors import ModelLoadError
 
     path = _model_path(spec)
     try:
@@ -364,27 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "ledger, receipts (default: a temporary directory, removed when the cluster stops)")  # fmt: skip
     up.set_defaults(handler=cmd_cluster_up)
 
-    gen = commands.add_parser("generate", help="generate text through the swarm, streamed to the terminal")
-    gen.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
-    add_peers_argument(gen, required=True, help="DHT multiaddrs of the swarm")
-    gen.add_argument("--prompt", required=True, help="the text to answer (or to continue, with --no-chat)")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to generate (default 64)")
-    gen.add_argument("--seed", type=int, help="make sampling reproducible (and the answer replayable from the store)")
-    gen.add_argument("--temperature", type=float, help="sample at this temperature in (0, 2] (default: greedy)")
-    gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
-    gen.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this probability")
-    gen.add_argument("--store", help=f"record the generation here {STORE_DEFAULT}")
-    gen.add_argument("--identity", help=f"key file that pays nodes which charge {IDENTITY_DEFAULT}")
-    gen.add_argument("--coordinator", help="HOST:PORT of the coordinator: reports of lying nodes go there")
-    gen.add_argument("--verify", default="default",
-                     help="re-run node work elsewhere: off, default (sampled), all, or a rate in [0, 1]")  # fmt: skip
-    gen.add_argument("--replay", choices=["any", "verified", "never"], default="any",
-                     help="which stored records may answer at once (default: any)")  # fmt: skip
-    gen.add_argument("--timeout", type=float, help="seconds a node may take per step (default: from measurements)")
-    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                     help="wrap the prompt in the tokenizer's chat template (default: if it has one)")  # fmt: skip
-    gen.set_defaults(handler=cmd_generate)
-
     models = commands.add_parser("models", help="check a checkpoint; prepare demo models").add_subparsers(
         dest="models_cmd", required=True
     )
@@ -434,10 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     gc.set_defaults(handler=cmd_store_gc)
     from hivegen.api.cli import add_commands as add_api_commands
     from hivegen.client.chat import add_commands as add_chat_commands
+    from hivegen.client.generate_cli import add_commands as add_generate_commands
     from hivegen.coordinator.status_cli import add_commands as add_status_commands
     from hivegen.credits.cli import add_commands as add_credit_commands
     from hivegen.node.cli import add_commands as add_node_commands
 
+    add_generate_commands(commands)
     add_node_commands(commands)
     add_api_commands(commands)
     add_chat_commands(commands)

@@ -56,6 +56,11 @@ def test_greedy_answer_matches_transformers_token_for_token(smollm2: Path, clust
     assert "Paris" in answer
 
 
+def summary_ref(stderr: str) -> str:
+    """The generation ref on the line `hivegen generate` prints under its answer."""
+    return stderr.strip().splitlines()[-1].rsplit("ref ", 1)[1]
+
+
 def test_cli_generate_streams_the_answer_and_replays_it(smollm2: Path, cluster: LocalCluster, tmp_path: Path) -> None:
     command = [
         *(sys.executable, "-m", "hivegen", "generate", "--model", str(smollm2), "--store", str(tmp_path)),
@@ -65,9 +70,20 @@ def test_cli_generate_streams_the_answer_and_replays_it(smollm2: Path, cluster: 
     assert first.returncode == 0, first.stderr
     assert "Paris" in first.stdout and "network steps" in first.stderr
     assert "verified 0/3 (3 with no other node to re-run them)" in first.stderr  # no replicas in this cluster
-    again = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    # The same command again: answered from the store before torch, transformers or hivemind are even imported.
+    again = subprocess.run([sys.executable, "-X", "importtime", *command[1:]], capture_output=True, text=True,
+                           timeout=180)  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert again.stdout == first.stdout and "replayed from the store" in again.stderr
+    assert (
+        first.stderr.strip().splitlines()[-1].split("ref ")[1] == again.stderr.strip().splitlines()[-1].split("ref ")[1]
+    )
+    imported = {line.rsplit("|", 1)[1].strip() for line in again.stderr.splitlines() if line.startswith("import time:")}
+    assert imported and not imported & {"torch", "transformers", "hivemind"}
+    # With another prompt the full path runs (and says it is joining the swarm while it does).
+    other = subprocess.run([*command[:-3], "What is the capital of Italy?", *command[-2:]], capture_output=True,
+                           text=True, timeout=180)  # fmt: skip
+    assert other.returncode == 0 and "joining the swarm ..." in other.stderr and "network steps" in other.stderr
 
 
 def test_cli_models_prepare_prints_the_checkpoint_dir_last(smollm2: Path) -> None:
