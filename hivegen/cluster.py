@@ -21,6 +21,7 @@ from hivegen.coordinator.server import Coordinator, CoordinatorConfig
 from hivegen.dht import fetch_spans, missing_blocks, start_dht, visible_maddrs
 from hivegen.errors import HivegenError
 from hivegen.model.checkpoint import ModelCheckpoint
+from hivegen.peers import child_env
 
 logger = logging.getLogger(__name__)
 PARENT_PID_ENV = "HIVEGEN_PARENT_PID"  # nodes started by a cluster exit when that process dies
@@ -187,7 +188,7 @@ class LocalCluster:
             "--port", str(port), "--ready-file", str(ready), "--initial-peers", *self.initial_peers,
             *(["--coordinator", self.coordinator_address] if self.coordinator_address else []), *(extra_args or []),
         ]  # fmt: skip
-        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        env = child_env(**{PARENT_PID_ENV: str(os.getpid())})
         with open(log, "ab") as log_fh:
             process = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         api = self.api = ClusterApi(process, ready, log)
@@ -232,7 +233,7 @@ class LocalCluster:
         cmd += ["--identity", str(home / "identity")]  # each node its own key: it signs answers and DHT records
         if self.coordinator_address:
             cmd += ["--coordinator", self.coordinator_address, "--data", str(home)]
-        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        env = child_env(**{PARENT_PID_ENV: str(os.getpid())})
         with open(log, "ab") as log_fh:
             process = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         return ClusterNode((start, end), process, ready, log, home, extra_args, launcher)

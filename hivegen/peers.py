@@ -1,5 +1,6 @@
 """Initial peers as users give them: `--initial-peers` flags, or `$HIVEGEN_INITIAL_PEERS`, checked before anything
-starts (no torch, no hivemind), so a typo is one line at once instead of a daemon's error seconds later."""
+starts (no torch, no hivemind), so a typo is one line at once instead of a daemon's error seconds later; and the
+`--coordinator` flag every command shares, defaulting to `$HIVEGEN_COORDINATOR`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from hivegen.errors import HivegenError
 
 PEERS_ENV = "HIVEGEN_INITIAL_PEERS"
+COORDINATOR_ENV = "HIVEGEN_COORDINATOR"
 PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{40,64}")  # base58: libp2p peer ids (Qm..., 12D3KooW...)
 EXAMPLE = "/ip4/HOST/tcp/PORT/p2p/PEER_ID"
 
@@ -60,6 +62,19 @@ def add_peers_argument(parser: Any, required: bool, help: str) -> None:
         "--initial-peers", nargs="+" if required else "*", default=default, required=required and not default,
         metavar="MULTIADDR", help=f"{help} (default: ${PEERS_ENV}, comma- or space-separated)",
     )  # fmt: skip
+
+
+def add_coordinator_argument(parser: Any, help: str, metavar: str = "HOST:PORT") -> None:
+    """A `--coordinator` flag whose default is $HIVEGEN_COORDINATOR (None when both are unset)."""
+    parser.add_argument("--coordinator", metavar=metavar, default=os.environ.get(COORDINATOR_ENV) or None,
+                        help=f"{help} (default: ${COORDINATOR_ENV})")  # fmt: skip
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a process this one starts with explicit peers and coordinator: the user's
+    $HIVEGEN_INITIAL_PEERS and $HIVEGEN_COORDINATOR must not leak into it as defaults."""
+    env = {k: v for k, v in os.environ.items() if k not in (PEERS_ENV, COORDINATOR_ENV)}
+    return {**env, **extra}
 
 
 def check_peers(peers: Sequence[str]) -> list[str]:

@@ -127,3 +127,35 @@ def test_a_peer_that_does_not_answer_is_named_without_the_daemons_text(tmp_path:
     assert done.returncode == 2
     assert f"hivegen: error: could not join the swarm via {silent}: no peer answered there" in done.stderr
     assert "Daemon failed" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--model", "m", "--prompt", "hi"],
+        ["chat", "--model", "m"],
+        ["api", "serve", "--model", "m"],
+        ["node", "serve", "--model", "m", "--blocks", "0:1"],
+        ["credits", "balance"],
+        ["status"],
+    ],
+)
+def test_every_coordinator_flag_defaults_to_the_environment(command: list[str], monkeypatch: Any) -> None:
+    from hivegen.cli import build_parser
+
+    monkeypatch.setenv("HIVEGEN_COORDINATOR", "203.0.113.7:50051")
+    monkeypatch.setenv("HIVEGEN_INITIAL_PEERS", PEERS[1])
+    assert build_parser().parse_args(command).coordinator == "203.0.113.7:50051"
+    assert build_parser().parse_args([*command, "--coordinator", "127.0.0.1:1"]).coordinator == "127.0.0.1:1"
+    monkeypatch.delenv("HIVEGEN_COORDINATOR")
+    assert build_parser().parse_args(command).coordinator is None
+
+
+def test_cluster_processes_do_not_inherit_the_users_swarm_from_the_environment(monkeypatch: Any) -> None:
+    from hivegen.peers import child_env
+
+    monkeypatch.setenv("HIVEGEN_COORDINATOR", "203.0.113.7:50051")
+    monkeypatch.setenv("HIVEGEN_INITIAL_PEERS", PEERS[1])
+    env = child_env(EXTRA="1")
+    assert "HIVEGEN_COORDINATOR" not in env and "HIVEGEN_INITIAL_PEERS" not in env
+    assert env["EXTRA"] == "1" and env["PATH"] == os.environ["PATH"]

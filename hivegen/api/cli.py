@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hivegen.files import IDENTITY_DEFAULT, STORE_DEFAULT, write_json_atomic
-from hivegen.peers import add_peers_argument, check_peers
+from hivegen.peers import add_coordinator_argument, add_peers_argument, check_peers
 from hivegen.process import StopSignals, tie_process_tree
 
 API_KEY_ENV = "HIVEGEN_API_KEY"
@@ -94,7 +94,7 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000; 0: any free port)")
     serve.add_argument("--store", help=f"store of recorded generations {STORE_DEFAULT}")
     serve.add_argument("--identity", help=f"key file of the account that pays nodes {IDENTITY_DEFAULT}")
-    serve.add_argument("--coordinator", help="HOST:PORT of the ledger, to report lying nodes")
+    add_coordinator_argument(serve, "HOST:PORT of the ledger: pays nodes and hears reports of lying ones")
     serve.add_argument(
         "--api-key", help=f"require `Authorization: Bearer KEY` on /v1 (default: ${API_KEY_ENV}; none: open)"
     )

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from hivegen.client.params import CLI_NAMES, check_sampling
+from hivegen.client.params import CLI_NAMES, add_sampling_arguments, check_sampling
 from hivegen.files import IDENTITY_DEFAULT, STORE_DEFAULT
-from hivegen.peers import add_peers_argument, check_peers
+from hivegen.peers import add_coordinator_argument, add_peers_argument, check_peers
 
 COMMANDS = {"/reset": "forget the conversation (keeps --system)", "/exit": "leave (so do Ctrl-D and Ctrl-C)",
             "/help": "this list"}  # fmt: skip
@@ -115,13 +115,9 @@ def add_commands(commands: Any) -> None:
     chat.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
     add_peers_argument(chat, required=True, help="DHT multiaddrs of the swarm")
     chat.add_argument("--system", help="a system message that starts (and survives /reset of) the conversation")
-    chat.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens (default 256)")
-    chat.add_argument("--temperature", type=float, help="sample at this temperature in (0, 2] (default: greedy)")
-    chat.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this probability")
-    chat.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    chat.add_argument("--seed", type=int, help="make sampled answers reproducible (and replayable from the store)")
+    add_sampling_arguments(chat, max_new_tokens=256)
     chat.add_argument("--store", help=f"store of recorded generations {STORE_DEFAULT}")
     chat.add_argument("--identity", help=f"key file of the account that pays nodes {IDENTITY_DEFAULT}")
-    chat.add_argument("--coordinator", help="HOST:PORT of the ledger, to report lying nodes")
+    add_coordinator_argument(chat, "HOST:PORT of the ledger: pays nodes and hears reports of lying ones")
     chat.add_argument("--verify", help='re-execution of node work: "off", a rate in [0, 1], or "all"')
     chat.set_defaults(handler=cmd_chat)

@@ -8,14 +8,14 @@ import sys
 from dataclasses import replace
 from typing import Any, cast
 
-from hivegen.client.params import CLI_NAMES, check_sampling
+from hivegen.client.params import CLI_NAMES, add_sampling_arguments, check_sampling
 from hivegen.client.shortcut import command_key, deterministic, recorded_answer, remember
 from hivegen.console import progress
 from hivegen.credits.units import format_credits
 from hivegen.errors import ModelLoadError
 from hivegen.files import IDENTITY_DEFAULT, STORE_DEFAULT
 from hivegen.model.demo import resolve_model_path
-from hivegen.peers import add_peers_argument, check_peers
+from hivegen.peers import add_coordinator_argument, add_peers_argument, check_peers
 from hivegen.store.directory import open_store
 from hivegen.store.inspect import verified_label
 from hivegen.store.records import Generation
@@ -101,14 +101,10 @@ def add_commands(commands: Any) -> None:
     gen.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
     add_peers_argument(gen, required=True, help="DHT multiaddrs of the swarm")
     gen.add_argument("--prompt", required=True, help="the text to answer (or to continue, with --no-chat)")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to generate (default 64)")
-    gen.add_argument("--seed", type=int, help="make sampling reproducible (and the answer replayable from the store)")
-    gen.add_argument("--temperature", type=float, help="sample at this temperature in (0, 2] (default: greedy)")
-    gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
-    gen.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this probability")
+    add_sampling_arguments(gen, max_new_tokens=64)
     gen.add_argument("--store", help=f"record the generation here {STORE_DEFAULT}")
     gen.add_argument("--identity", help=f"key file that pays nodes which charge {IDENTITY_DEFAULT}")
-    gen.add_argument("--coordinator", help="HOST:PORT of the coordinator: reports of lying nodes go there")
+    add_coordinator_argument(gen, "HOST:PORT of the ledger: pays nodes and hears reports of lying ones")
     gen.add_argument("--verify", default="default",
                      help="re-run node work elsewhere: off, default (sampled), all, or a rate in [0, 1]")  # fmt: skip
     gen.add_argument("--replay", choices=["any", "verified", "never"], default="any",

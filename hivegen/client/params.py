@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from hivegen.errors import InvalidParameterError
 
@@ -64,3 +65,14 @@ def check_sampling(
     for s in stop:
         if not s or len(s) > MAX_STOP_LENGTH:
             raise InvalidParameterError(name["stop"], f"each stop string must have 1 to {MAX_STOP_LENGTH} characters")
+
+
+def add_sampling_arguments(parser: Any, max_new_tokens: int) -> None:
+    """The commands' sampling flags (named as CLI_NAMES), all checked by check_sampling(names=CLI_NAMES)."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"the most tokens to generate (default {max_new_tokens})")  # fmt: skip
+    parser.add_argument("--temperature", type=float,
+                        help=f"sample at this temperature in (0, {MAX_TEMPERATURE:g}] (default: greedy)")  # fmt: skip
+    parser.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this probability")
+    parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    parser.add_argument("--seed", type=int, help="make sampling reproducible (and replayable from the store)")

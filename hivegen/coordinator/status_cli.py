@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 from hivegen.errors import HivegenError, format_blocks
-
-COORDINATOR_ENV = "HIVEGEN_COORDINATOR"
+from hivegen.peers import COORDINATOR_ENV, add_coordinator_argument
 
 
 class StatusUnavailable(HivegenError):
@@ -81,7 +79,7 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    coordinator = args.coordinator or os.environ.get(COORDINATOR_ENV)
+    coordinator = args.coordinator
     if not coordinator:
         raise HivegenError(f"no coordinator: pass --coordinator HOST:PORT (or its status URL) or set {COORDINATOR_ENV}")
     status = fetch_status(status_url(coordinator))
@@ -92,9 +90,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 def add_commands(commands: Any) -> None:
     """`hivegen status`."""
     status = commands.add_parser("status", help="the swarm's models, coverage and nodes, from its coordinator")
-    status.add_argument(
-        "--coordinator", metavar="HOST:PORT|URL",
-        help=f"the coordinator's ledger address, or its status page URL (default: ${COORDINATOR_ENV})",
-    )  # fmt: skip
+    add_coordinator_argument(status, "the coordinator's ledger address, or its status page URL", "HOST:PORT|URL")
     status.add_argument("--json", action="store_true", help="print the coordinator's /status JSON")
     status.set_defaults(handler=cmd_status)

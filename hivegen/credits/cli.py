@@ -5,21 +5,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from hivegen.credits.grants import DEFAULT_PROOF_BITS, DEFAULT_STARTER_GRANT
 from hivegen.errors import CreditsError
-from hivegen.peers import add_peers_argument
-
-COORDINATOR_ENV = "HIVEGEN_COORDINATOR"
+from hivegen.peers import COORDINATOR_ENV, add_coordinator_argument, add_peers_argument
 
 
 def _coordinator(args: argparse.Namespace) -> str:
     from hivegen.errors import HivegenError
 
-    address = args.coordinator or os.environ.get(COORDINATOR_ENV)
+    address = args.coordinator
     if not address:
         raise HivegenError(f"no coordinator: pass --coordinator HOST:PORT or set {COORDINATOR_ENV}")
     return str(address)
@@ -190,7 +187,7 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register `identity`, `credits` and `coordinator` on the top-level parser."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--coordinator", metavar="HOST:PORT", help=f"the ledger (default: ${COORDINATOR_ENV})")
+    add_coordinator_argument(common, "the ledger")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     identity = commands.add_parser("identity", help="create or show this machine's Ed25519 identity (account)")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hivegen.model.demo import resolve_model_path
-from hivegen.peers import add_peers_argument
+from hivegen.peers import add_coordinator_argument, add_peers_argument
 from hivegen.process import StopSignals, tie_process_tree
 
 
@@ -159,7 +159,7 @@ def add_commands(commands: Any) -> None:
         "for free (default: this machine, 127.0.0.0/8,::1/128; '' limits everyone)",
     )
     paid = serve.add_argument_group("credits", "charge clients for the work served (needs --coordinator)")
-    paid.add_argument("--coordinator", help="HOST:PORT of the coordinator's ledger; omit to serve for free")
+    add_coordinator_argument(paid, "HOST:PORT of the coordinator's ledger; omit to serve for free")
     paid.add_argument("--identity", help="the node's key: signs its DHT records and answers, and is the account "
                       "paid (default: $HIVEGEN_HOME/node/identity, apart from your client identity, so that your "
                       "client never pays your own node)")  # fmt: skip
