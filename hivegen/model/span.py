@@ -6,6 +6,7 @@ import inspect
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 from hivegen.errors import ModelLoadError
 from hivegen.model.blocks import MASKS, block_calls, check_positions, resolve_layer_types
@@ -59,7 +60,7 @@ class BlockSpan:
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 
-    def cached_length(self, cache: DynamicCache, start: int | None = None) -> int:
+    def cached_length(self, cache: Cache, start: int | None = None) -> int:
         return int(cache.get_seq_length(layer_idx=self.start if start is None else start))
 
     @staticmethod
@@ -87,7 +88,7 @@ class BlockSpan:
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        cache: DynamicCache,
+        cache: Cache,
         start: int | None = None,
         end: int | None = None,
     ) -> torch.Tensor:

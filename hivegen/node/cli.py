@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hivegen.model.demo import resolve_model_path
+from hivegen.node.defaults import DEFAULT_MAX_ROWS, DEFAULT_PREFILL_CHUNK
 from hivegen.peers import add_coordinator_argument, add_peers_argument
 from hivegen.process import StopSignals, tie_process_tree
 
@@ -21,6 +22,25 @@ def _blocks(text: str) -> tuple[int, int]:
     if not 0 <= start < end:
         raise argparse.ArgumentTypeError(f"--blocks {text}: need 0 <= START < END")
     return start, end
+
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def _size(text: str) -> int:
+    """An argparse type: a memory size such as 4GiB, 512MB, 1.5gb or 1000000 (bytes)."""
+    number = text.strip().rstrip("bBiIkKmMgGtT")
+    unit = text.strip()[len(number) :].lower()
+    try:
+        value = float(number) * SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: write e.g. 4GiB, 512MB or a number of bytes"
+        ) from None
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text}")
+    return int(value)
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
@@ -65,7 +85,8 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
             model=resolve_model_path(args.model), start=start, end=end, initial_peers=args.initial_peers or [],
             attn_implementation=args.attn_implementation,
             host=args.host, port=args.port, dht_port=args.dht_port, device=args.device, dtype=args.dtype,
-            cache_tokens=args.cache_tokens, ready_file=Path(args.ready_file) if args.ready_file else None,
+            cache_tokens=args.cache_tokens, cache_memory=args.cache_memory, max_batch_rows=args.max_batch_rows,
+            prefill_chunk=args.prefill_chunk, ready_file=Path(args.ready_file) if args.ready_file else None,
             coordinator=args.coordinator, identity=Path(args.identity) if args.identity else None,
             data=Path(args.data) if args.data else None, unpaid_steps=args.unpaid_steps,
             unpaid_credits=args.unpaid_credits, submit_interval=args.submit_interval,
@@ -108,7 +129,30 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
     serve.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
-    serve.add_argument("--cache-tokens", type=int, default=65536, help="KV-cache budget, tokens over all sessions")
+    memory = serve.add_argument_group(
+        "memory and batching",
+        "the KV cache is one pool allocated at start; a session reserves batch x max_length positions of it when it "
+        "opens (refused if they do not fit), and decode steps of different sessions run as one batched forward",
+    )
+    budget = memory.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--cache-memory", type=_size, metavar="SIZE",
+        help="KV-cache pool size, e.g. 4GiB or 512MB (default: 80%% of the GPU memory free after loading the "
+        "blocks; on CPU, --cache-tokens 65536)",
+    )  # fmt: skip
+    budget.add_argument(
+        "--cache-tokens", type=_positive(int), metavar="TOKENS",
+        help="KV-cache pool size in token positions, summed over sessions (batch x max_length)",
+    )  # fmt: skip
+    memory.add_argument(
+        "--max-batch-rows", type=_positive(int), default=DEFAULT_MAX_ROWS, metavar="N",
+        help=f"the most sequences one forward runs (default {DEFAULT_MAX_ROWS})",
+    )  # fmt: skip
+    memory.add_argument(
+        "--prefill-chunk", type=_positive(int), default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+        help="prompt positions per forward: longer prompts run in chunks between other sessions' steps "
+        f"(default {DEFAULT_PREFILL_CHUNK})",
+    )  # fmt: skip
     serve.add_argument(
         "--attn-implementation",
         metavar="NAME",
@@ -147,8 +191,7 @@ def add_commands(commands: Any) -> None:
         "--max-cache-tokens-per-client",
         type=_positive(int),
         metavar="TOKENS",
-        help="cache tokens (batch x max_length, over its sessions) one client may reserve "
-        "(default: half of --cache-tokens)",
+        help="cache tokens (batch x max_length, over its sessions) one client may reserve (default: half of the pool)",
     )
     limits.add_argument(
         "--unlimited-networks",

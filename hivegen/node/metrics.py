@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 
 from hivegen.node.sessions import SessionManager
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -21,13 +22,19 @@ class _SessionCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.sessions
-        c = s.counters
+        c, batches = s.counters, s.scheduler.stats
         for name, doc, value in (
             ("steps", "Steps run (prefills and decode steps)", c.steps),
             ("tokens_processed", "Positions run through the span, over batch rows", c.tokens_processed),
             ("sessions_opened", "Sessions opened", c.sessions_opened),
             ("errors", "Requests refused with an error status", c.errors),
             ("compute_seconds", "Seconds spent running the span", c.compute_seconds),
+            ("forwards", "Forward passes run (one may serve several sessions' steps)", batches.forwards),
+            (
+                "batched_steps",
+                "Steps that shared their forward with another session's",
+                s.scheduler.stats.batched_steps,
+            ),
         ):
             yield CounterMetricFamily(f"hivegen_node_{name}", doc, value=value)
         free = s.cache_tokens_free
@@ -36,6 +43,8 @@ class _SessionCollector(Collector):
             ("cache_tokens_total", "The KV-cache budget, in tokens", s.cache_tokens_total),
             ("cache_tokens_free", "Cache tokens not reserved by a session", free),
             ("cache_tokens_used", "Cache tokens reserved by open sessions", s.cache_tokens_total - free),
+            ("cache_bytes_total", "Memory of the KV-cache pool", s.cache_bytes_total),
+            ("max_batch_rows", "The most sequences one forward has run", batches.max_rows),
         ):
             yield GaugeMetricFamily(f"hivegen_node_{name}", doc, value=value)
 
@@ -51,6 +60,10 @@ class NodeMetrics:
             registry=self.registry,
         )  # fmt: skip
         sessions.on_step = self.step_seconds.observe
+        self.batch_rows = Histogram(
+            "hivegen_node_batch_rows", "Sequences run by one forward", buckets=BATCH_BUCKETS, registry=self.registry
+        )
+        sessions.scheduler.on_forward = lambda rows, _seconds: self.batch_rows.observe(rows)
         self._server: Any = None
 
     def start(self, host: str, port: int) -> int:

@@ -24,6 +24,7 @@ from hivegen.model.span import BlockSpan
 from hivegen.model.support import require_servable
 from hivegen.node.aio_server import AioServer
 from hivegen.node.billing import Billing
+from hivegen.node.defaults import CUDA_CACHE_SHARE, DEFAULT_CACHE_TOKENS, DEFAULT_MAX_ROWS, DEFAULT_PREFILL_CHUNK
 from hivegen.node.limits import LOOPBACK, ClientQuotas, parse_networks
 from hivegen.node.metrics import NodeMetrics
 from hivegen.node.servicer import NodeServicer, StreamLimits
@@ -50,10 +51,13 @@ class NodeConfig:
     device: str = "cpu"  # torch device of the blocks
     dtype: str | None = None  # float32 / bfloat16 / float16; default: the checkpoint's own dtype
     attn_implementation: str | None = None  # sdpa, eager, flex_attention, ...; None: transformers' pick for the model
-    cache_tokens: int = 65536  # KV-cache budget in tokens, summed over sessions (batch x max_length)
+    cache_tokens: int | None = None  # KV-cache budget in token positions over all sessions (batch x max_length)
+    cache_memory: int | None = None  # or in bytes; neither: DEFAULT_CACHE_TOKENS on CPU, CUDA_CACHE_SHARE on a GPU
+    max_batch_rows: int = DEFAULT_MAX_ROWS  # the most sequences one forward runs (batched decode steps)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt positions per forward: longer prompts run in chunks
     announce_ttl: float = 30.0  # seconds a DHT record lives unless refreshed
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest gRPC message accepted or sent
-    max_workers: int = 16  # threads running steps (streams themselves hold none; forwards take turns anyway)
+    max_workers: int = 64  # threads validating and signing steps (they wait while the scheduler runs forwards)
     admission_workers: int = 8  # threads opening sessions (which may wait on the ledger) and settling them
     open_timeout: float = 10.0  # seconds a new stream has to send `open` before it is closed
     session_idle_timeout: float = 60.0  # seconds a session may go without a message before it is closed and freed
@@ -107,11 +111,14 @@ class NodeServer:
         self.identity = Identity.load_or_create(self.identity_path)
         if cfg.coordinator:
             self.billing = self._billing(span)
-        self.sessions = SessionManager(span, self.model_key, cfg.cache_tokens, self.billing)
         self.throughput = measure_throughput(span)
+        self.sessions = SessionManager(
+            span, self.model_key, self._cache_tokens(span), self.billing, cache_bytes=self._cache_bytes(span),
+            max_batch_rows=cfg.max_batch_rows, prefill_chunk=cfg.prefill_chunk,
+        )  # fmt: skip
         client_tokens = cfg.max_cache_tokens_per_client
         if client_tokens is None:
-            client_tokens = max(1, cfg.cache_tokens // 2)
+            client_tokens = max(1, self.sessions.cache_tokens_total // 2)
         servicer = NodeServicer(
             self.sessions,
             self.node_id(),
@@ -191,12 +198,25 @@ class NodeServer:
             self.server.stop(grace=2.0)
         if self.servicer is not None:
             self.servicer.close()
+        if (sessions := getattr(self, "sessions", None)) is not None:  # the forward thread
+            sessions.stop()
         if self.metrics is not None:
             self.metrics.stop()
         if self.billing is not None:
             self.billing.stop()  # one last submission; what is left waits in the outbox
         if self.dht is not None:
             self.dht.shutdown()
+
+    def _cache_tokens(self, span: BlockSpan) -> int:
+        return self.config.cache_tokens if self.config.cache_tokens is not None else DEFAULT_CACHE_TOKENS
+
+    def _cache_bytes(self, span: BlockSpan) -> int | None:
+        """The budget in bytes when one was given, or on a GPU: a share of the memory free after the weights."""
+        cfg = self.config
+        if cfg.cache_memory is not None or cfg.cache_tokens is not None or span.device.type != "cuda":
+            return cfg.cache_memory
+        free, _ = torch.cuda.mem_get_info(span.device)
+        return int(free * CUDA_CACHE_SHARE)
 
     def _billing(self, span: BlockSpan) -> Billing:
         cfg = self.config

@@ -54,7 +54,8 @@ class _Stream:
 class NodeServicer(node_pb2_grpc.NodeServicer):
     """Serves sessions; every step's answer is signed by the node's `identity` (the key its DHT records name).
 
-    `step_workers` threads run steps (their forwards take turns on the span's compute lock); `admission_workers`
+    `step_workers` threads validate, queue and sign steps (the scheduler's one thread runs the forwards, batching
+    steps of different sessions); `admission_workers`
     threads open sessions (which may wait on the ledger) and settle them, so a slow ledger never stalls steps."""
 
     def __init__(
@@ -66,7 +67,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         identity: Identity,
         quotas: ClientQuotas | None = None,
         limits: StreamLimits | None = None,
-        step_workers: int = 16,
+        step_workers: int = 64,
         admission_workers: int = 8,
     ) -> None:
         self.sessions = sessions
@@ -269,9 +270,14 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                 tokens_processed=c.tokens_processed,
                 errors=c.errors,
                 compute_seconds=c.compute_seconds,
+                forwards=self.sessions.scheduler.stats.forwards,
+                batched_steps=self.sessions.scheduler.stats.batched_steps,
+                max_batch_rows=self.sessions.scheduler.stats.max_rows,
             ),
             num_parameters=span.num_parameters,
             version=__version__,
             account=self.account,
             receipts_pending=billing.pending() if (billing := self.sessions.billing) is not None else 0,
+            cache_bytes_total=self.sessions.cache_bytes_total,
+            batching=self.sessions.scheduler.batching,
         )

@@ -1,7 +1,9 @@
-"""Inference sessions on a node: admission against a KV-cache budget, input validation, the step itself."""
+"""Inference sessions on a node: admission against the KV-cache pool, input validation, the step itself (run by
+the batching scheduler, with other sessions' steps)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -11,11 +13,24 @@ import grpc
 import torch
 from transformers import DynamicCache
 
+from hivegen.model.paged import (
+    PAGE_SIZE,
+    CacheFull,
+    KVPool,
+    PagedSupport,
+    nominal_shapes,
+    paged_support,
+    slot_bytes,
+)
 from hivegen.model.span import BlockSpan
+from hivegen.node.batching import Scheduler, Work
 from hivegen.node.billing import Billing, PaidSession
+from hivegen.node.defaults import DEFAULT_MAX_ROWS, DEFAULT_PREFILL_CHUNK
 from hivegen.node.errors import RequestError
 from hivegen.proto import node_pb2
 from hivegen.proto.tensors import DTYPE_NAMES, TensorDecodeError, deserialize
+
+logger = logging.getLogger(__name__)
 
 MAX_BATCH_SIZE = 64
 MASK_DTYPES = (torch.int64, torch.int32, torch.bool)
@@ -41,7 +56,8 @@ class Session:
     end: int
     max_length: int
     batch_size: int
-    cache: DynamicCache
+    cache: DynamicCache | None  # the model's own cache, on a node without a pool
+    slots: torch.Tensor | None  # [batch_size, max_length] slots in the node's pool
     mask: torch.Tensor  # [batch, length] padding mask of every position seen so far
     next_step: int = 0
     history_digest: str = ""  # chained digest of every step's inputs so far (signed in each answer)
@@ -58,26 +74,57 @@ class Session:
 
 
 class SessionManager:
-    """Opens and closes sessions within the node's cache budget and runs their steps, one at a time."""
+    """Opens and closes sessions within the node's cache budget and runs their steps through the scheduler.
 
-    def __init__(self, span: BlockSpan, model_key: str, cache_tokens: int, billing: Billing | None = None) -> None:
+    The budget is a pool of `cache_tokens` positions allocated at start (`hivegen.model.paged`); a session reserves
+    its whole batch x max_length there when it opens. A model whose blocks cannot use the pool keeps the model's
+    own cache per session, counted against the same budget, and runs its steps one at a time."""
+
+    def __init__(
+        self,
+        span: BlockSpan,
+        model_key: str,
+        cache_tokens: int,
+        billing: Billing | None = None,
+        *,
+        cache_bytes: int | None = None,
+        pooled: bool = True,
+        max_batch_rows: int = DEFAULT_MAX_ROWS,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> None:
         self.span = span
         self.model_key = model_key
-        self.cache_tokens_total = cache_tokens
         self.billing = billing
         self.block_params = span.skeleton.block_parameters()  # every block of the model, by index
         self.counters = Counters()
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()  # guards _sessions and counters
-        self._compute = threading.Lock()  # one forward at a time: the span's device is shared
         self.max_positions = int(getattr(span.config, "max_position_embeddings", 1 << 20))
         self.on_change: Callable[[], None] | None = None  # called when the free cache changes (re-announce it)
         self.on_step: Callable[[float], None] | None = None  # gets every step's compute seconds (metrics)
+        self.support = paged_support(span) if pooled else PagedSupport(None, False, "the pool is turned off")
+        if cache_bytes is not None:  # a budget in memory: as many positions as fit
+            cache_tokens = cache_bytes // slot_bytes(self.support.shapes or nominal_shapes(span), span.dtype)
+        self.pool = KVPool(self.support.shapes, cache_tokens, span.dtype, span.device) if self.support.shapes else None
+        self.cache_tokens_total = self.pool.tokens_total if self.pool is not None else cache_tokens
+        if not self.support.batching:
+            logger.warning("steps of different sessions run one at a time: %s", self.support.reason)
+        self.scheduler = Scheduler(span, self.pool, self.support.batching, max_batch_rows, prefill_chunk)
+
+    @property
+    def cache_bytes_total(self) -> int:
+        """Memory of the pool (0 without one)."""
+        return self.pool.bytes_total if self.pool is not None else 0
 
     @property
     def cache_tokens_free(self) -> int:
+        if self.pool is not None:
+            return self.pool.tokens_free
         with self._lock:
             return self.cache_tokens_total - sum(s.reserved_tokens for s in self._sessions.values())
+
+    def stop(self) -> None:
+        self.scheduler.stop()
 
     @property
     def active_sessions(self) -> int:
@@ -111,23 +158,29 @@ class SessionManager:
             paid = self.billing.admit(
                 req.session_id, req.client_account, req.client_key, req.start_block, req.end_block, needed, ledger_open
             )
+        if self.pool is not None:
+            needed = KVPool.pages_for(req.batch_size, req.max_length) * PAGE_SIZE
         with self._lock:
             if req.session_id in self._sessions:
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {req.session_id} is already open")
-            free = self.cache_tokens_total - sum(s.reserved_tokens for s in self._sessions.values())
-            if needed > free:
-                raise RequestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"node is full: the session needs {needed} cache tokens (batch x max_length), {free} are free; "
-                    "retry later or use another node",
-                )
+            slots = None
+            if self.pool is not None:
+                try:
+                    slots = self.pool.reserve(req.batch_size, req.max_length)
+                except CacheFull:
+                    raise self._full(needed, self.pool.tokens_free) from None
+            else:
+                free = self.cache_tokens_total - sum(s.reserved_tokens for s in self._sessions.values())
+                if needed > free:
+                    raise self._full(needed, free)
             session = Session(
                 session_id=req.session_id,
                 start=req.start_block,
                 end=req.end_block,
                 max_length=req.max_length,
                 batch_size=req.batch_size,
-                cache=self.span.new_cache(),
+                cache=self.span.new_cache() if self.pool is None else None,
+                slots=slots,
                 mask=torch.zeros((req.batch_size, 0), dtype=torch.int64),
                 paid=paid,
             )
@@ -136,11 +189,26 @@ class SessionManager:
         self._changed()
         return session
 
+    @staticmethod
+    def _full(needed: int, free: int) -> RequestError:
+        return RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"node is full: the session needs {needed} cache tokens (batch x max_length), {free} are free; "
+            "retry later or use another node",
+        )
+
     def close(self, session_id: str) -> None:
+        """Forget the session and give its cache back (its step, if one is running, has finished: the servicer
+        closes a session only once its work is done)."""
         with self._lock:
             closed = self._sessions.pop(session_id, None)
-        if closed is not None:
-            self._changed()
+        if closed is None:
+            return
+        if closed.slots is not None and self.pool is not None:
+            self.pool.release(closed.slots)
+            closed.slots = None
+        closed.cache = None
+        self._changed()
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -178,10 +246,10 @@ class SessionManager:
             receipt = req.receipt if req.HasField("receipt") else None
             self.billing.check_receipt(session.paid, receipt, req.step_id)
         full_mask = torch.cat([session.mask, mask.to(torch.int64)], dim=1)
-        with self._compute:
-            began = time.perf_counter()
-            out = self.span.forward(hidden, positions, full_mask, session.cache, session.start, session.end)
-            seconds = time.perf_counter() - began
+        if session.slots is None and session.cache is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {session.session_id} is closed")
+        work = Work(session.start, session.end, hidden, positions, full_mask, session.slots, session.cache)
+        out, seconds = self.scheduler.run(work)
         session.mask = full_mask
         session.next_step += 1
         if session.paid is not None:

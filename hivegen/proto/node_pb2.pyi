@@ -128,21 +128,27 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeCounters(_message.Message):
-    __slots__ = ("sessions_opened", "steps", "tokens_processed", "errors", "compute_seconds")
+    __slots__ = ("sessions_opened", "steps", "tokens_processed", "errors", "compute_seconds", "forwards", "batched_steps", "max_batch_rows")
     SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     sessions_opened: int
     steps: int
     tokens_processed: int
     errors: int
     compute_seconds: float
-    def __init__(self, sessions_opened: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., errors: _Optional[int] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    forwards: int
+    batched_steps: int
+    max_batch_rows: int
+    def __init__(self, sessions_opened: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., errors: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., forwards: _Optional[int] = ..., batched_steps: _Optional[int] = ..., max_batch_rows: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "model_key", "model_name", "start_block", "end_block", "num_blocks", "dtype", "hidden_size", "cache_tokens_total", "cache_tokens_free", "active_sessions", "counters", "num_parameters", "version", "account", "receipts_pending")
+    __slots__ = ("node_id", "model_key", "model_name", "start_block", "end_block", "num_blocks", "dtype", "hidden_size", "cache_tokens_total", "cache_tokens_free", "active_sessions", "counters", "num_parameters", "version", "account", "receipts_pending", "cache_bytes_total", "batching")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +165,8 @@ class NodeInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     RECEIPTS_PENDING_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model_key: str
     model_name: str
@@ -175,4 +183,6 @@ class NodeInfo(_message.Message):
     version: str
     account: str
     receipts_pending: int
-    def __init__(self, node_id: _Optional[str] = ..., model_key: _Optional[str] = ..., model_name: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., cache_tokens_total: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ..., active_sessions: _Optional[int] = ..., counters: _Optional[_Union[NodeCounters, _Mapping]] = ..., num_parameters: _Optional[int] = ..., version: _Optional[str] = ..., account: _Optional[str] = ..., receipts_pending: _Optional[int] = ...) -> None: ...
+    cache_bytes_total: int
+    batching: bool
+    def __init__(self, node_id: _Optional[str] = ..., model_key: _Optional[str] = ..., model_name: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., cache_tokens_total: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ..., active_sessions: _Optional[int] = ..., counters: _Optional[_Union[NodeCounters, _Mapping]] = ..., num_parameters: _Optional[int] = ..., version: _Optional[str] = ..., account: _Optional[str] = ..., receipts_pending: _Optional[int] = ..., cache_bytes_total: _Optional[int] = ..., batching: _Optional[bool] = ...) -> None: ...

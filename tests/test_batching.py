@@ -1,0 +1,223 @@
+"""Many users at once: decode steps of different sessions share forwards on a node (continuous batching) out of a
+KV-cache pool that is memory, and every session still gets transformers' own tokens.
+
+In-process tests drive the scheduler and the pool directly; the cluster tests send 8 concurrent clients of
+different prompt lengths, batch sizes and lengths through the same two nodes and read the nodes' counters over
+the wire."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from hivegen.client import RemoteModelForCausalLM
+from hivegen.cluster import LocalCluster
+from hivegen.model.checkpoint import ModelCheckpoint
+from hivegen.model.paged import PAGE_SIZE, CacheFull, KVPool, layer_shapes, paged_support, slot_bytes
+from hivegen.model.span import BlockSpan
+from hivegen.node.batching import Scheduler, Work
+from hivegen.proto import node_pb2, node_pb2_grpc
+from hivegen.proto.options import grpc_options
+from tests.conftest import ClusterFactory, TinyFactory, greedy_reference, wait_for
+from tests.wire import Stream, info, new_id, open_request, step_request
+
+RELATIVE = 1e-5  # float32: a batched step may differ from a lone one in the last bits, no more
+
+
+def drift(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).norm(dim=-1) / (a.norm(dim=-1) + b.norm(dim=-1) + 1e-12)).max())
+
+
+@pytest.fixture(scope="module")
+def span(tiny_model: TinyFactory) -> BlockSpan:
+    return BlockSpan(ModelCheckpoint.open(tiny_model("gemma3")), 1, 4)  # sliding and full attention layers
+
+
+def own_cache_run(span: BlockSpan, hidden: torch.Tensor, prompt: int) -> torch.Tensor:
+    """The span on `hidden` [1, n, h] with the model's own cache: a prefill of `prompt` positions, then one by one."""
+    cache = span.new_cache()
+    n = hidden.shape[1]
+    outs = [span.forward(hidden[:, :prompt], torch.arange(prompt)[None], torch.ones((1, prompt)), cache)]
+    for p in range(prompt, n):
+        outs.append(span.forward(hidden[:, p : p + 1], torch.tensor([[p]]), torch.ones((1, p + 1)), cache))
+    return torch.cat(outs, dim=1)
+
+
+def test_the_pool_and_batching_are_checked_on_the_models_blocks(span: BlockSpan) -> None:
+    support = paged_support(span)
+    assert support.batching and support.shapes == layer_shapes(span), support.reason
+    assert support.drift < RELATIVE
+
+
+def test_concurrent_sessions_of_different_lengths_share_forwards_and_match_their_own_cache(span: BlockSpan) -> None:
+    """Six sessions (prompts of 3..40 positions, one of two rows) step concurrently through one scheduler: each
+    output equals a lone run with the model's own cache, and the forwards were shared."""
+    support = paged_support(span)
+    assert support.shapes is not None
+    pool = KVPool(support.shapes, 1024, span.dtype)
+    scheduler = Scheduler(span, pool, batching=True, prefill_chunk=16)  # prompts over 16 run in chunks
+    lengths, steps = [3, 7, 40, 12, 5, 21], 6
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn((2 if i == 1 else 1, n + steps, span.hidden_size), generator=generator) for i, n in
+              enumerate(lengths)]  # fmt: skip
+    results: dict[int, torch.Tensor] = {}
+    barrier = threading.Barrier(len(lengths))
+
+    def session(i: int) -> None:
+        x, n = inputs[i], lengths[i]
+        rows = x.shape[0]
+        slots = pool.reserve(rows, n + steps)
+        barrier.wait()
+        outs = []
+        for begin, end in [(0, n), *((p, p + 1) for p in range(n, n + steps))]:
+            positions = torch.arange(begin, end).expand(rows, -1)
+            work = Work(span.start, span.end, x[:, begin:end], positions, torch.ones((rows, end)), slots, None)
+            outs.append(scheduler.run(work)[0])
+        results[i] = torch.cat(outs, dim=1)
+        pool.release(slots)
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(lengths))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    scheduler.stop()
+    assert sorted(results) == list(range(len(lengths)))
+    for i, n in enumerate(lengths):
+        for row in range(inputs[i].shape[0]):
+            alone = own_cache_run(span, inputs[i][row : row + 1], n)
+            assert drift(results[i][row : row + 1], alone) < RELATIVE, (i, row)
+    assert scheduler.stats.batched_steps > 0 and scheduler.stats.max_rows > 2
+    assert pool.tokens_free == pool.tokens_total  # every page came back
+
+
+def test_a_lone_session_computes_exactly_what_the_models_own_cache_does(span: BlockSpan) -> None:
+    support = paged_support(span)
+    assert support.shapes is not None
+    pool = KVPool(support.shapes, 256, span.dtype)
+    scheduler = Scheduler(span, pool, batching=True)
+    x = torch.randn((1, 12, span.hidden_size), generator=torch.Generator().manual_seed(2))
+    slots = pool.reserve(1, 12)
+    outs = []
+    for begin, end in [(0, 9), (9, 10), (10, 11), (11, 12)]:
+        work = Work(span.start, span.end, x[:, begin:end], torch.arange(begin, end)[None], torch.ones((1, end)),
+                    slots, None)  # fmt: skip
+        outs.append(scheduler.run(work)[0])
+    scheduler.stop()
+    assert torch.equal(torch.cat(outs, dim=1), own_cache_run(span, x, 9))  # bit for bit
+
+
+def test_the_pool_is_the_budget_and_refuses_what_does_not_fit(span: BlockSpan) -> None:
+    shapes = layer_shapes(span)
+    pool = KVPool(shapes, 100, span.dtype)  # rounded down to whole pages: 96 positions
+    assert pool.tokens_total == 96 and pool.tokens_free == 96
+    assert pool.bytes_total == (96 + PAGE_SIZE) * slot_bytes(shapes, span.dtype)  # + the null page, nothing else
+    first = pool.reserve(2, 20)  # 2 rows x 2 pages
+    assert first.shape == (2, 20) and len(set(first.flatten().tolist())) == 40  # no slot shared
+    assert pool.tokens_free == 96 - 64
+    with pytest.raises(CacheFull):
+        pool.reserve(1, 33)  # 3 pages, 2 free
+    second = pool.reserve(1, 32)
+    assert pool.tokens_free == 0
+    pool.release(first)
+    pool.release(second)
+    assert pool.tokens_free == 96
+
+
+# ---- through a cluster: 8 concurrent clients -----------------------------------------------------------------
+
+CLIENTS = [  # (prompt length, batch rows, new tokens): different everything
+    (4, 1, 12), (9, 1, 6), (17, 2, 10), (6, 1, 16), (30, 1, 8), (11, 3, 9), (5, 1, 14), (23, 1, 11),
+]  # fmt: skip
+BUDGET_TOKENS = 512  # 32 pages: the 8 clients below reserve 22 of them
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model: TinyFactory) -> Path:
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def cluster(model_path: Path, start_cluster: ClusterFactory) -> LocalCluster:
+    return start_cluster(model_path, spans=[(0, 3), (3, 6)], node_args=["--cache-tokens", str(BUDGET_TOKENS)])
+
+
+@pytest.fixture(scope="module")
+def model(model_path: Path, cluster: LocalCluster) -> Iterator[RemoteModelForCausalLM]:
+    with RemoteModelForCausalLM.from_pretrained(model_path, cluster.initial_peers, verify="off") as remote:
+        yield remote
+
+
+def node_infos(cluster: LocalCluster) -> list[node_pb2.NodeInfo]:
+    infos = []
+    for node in cluster.nodes:
+        with grpc.insecure_channel(node.address, options=grpc_options()) as channel:
+            infos.append(info(node_pb2_grpc.NodeStub(channel)))
+    return infos
+
+
+def test_eight_concurrent_clients_get_transformers_tokens_and_their_steps_are_batched(
+    model_path: Path, cluster: LocalCluster, model: RemoteModelForCausalLM
+) -> None:
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 250, (rows, length), generator=generator) for length, rows, _ in CLIENTS]
+    before = node_infos(cluster)
+    outputs: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(CLIENTS))
+
+    def client(i: int) -> None:
+        try:
+            barrier.wait(timeout=60)
+            outputs[i] = model.generate(prompts[i], max_new_tokens=CLIENTS[i][2], eos_token_id=[])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(CLIENTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    for i, (length, rows, new) in enumerate(CLIENTS):
+        for row in range(rows):
+            got = outputs[i][row, length:].tolist()
+            assert got == greedy_reference(model_path, prompts[i][row].tolist(), new), (i, row)
+    after = node_infos(cluster)
+    for was, now in zip(before, after, strict=True):
+        assert now.batching and now.counters.batched_steps > was.counters.batched_steps
+        assert now.counters.max_batch_rows >= 3  # sessions (and a session's rows) shared forwards
+        assert now.counters.forwards - was.counters.forwards < now.counters.steps - was.counters.steps
+        assert now.cache_tokens_free == now.cache_tokens_total  # every session gave its pages back
+
+
+def test_a_node_refuses_a_session_its_pool_cannot_hold_before_any_work(
+    cluster: LocalCluster, model: RemoteModelForCausalLM
+) -> None:
+    node = cluster.nodes[0]
+    with grpc.insecure_channel(node.address, options=grpc_options()) as channel:
+        stub = node_pb2_grpc.NodeStub(channel)
+        total = info(stub).cache_tokens_total
+        assert total == BUDGET_TOKENS
+        assert info(stub).cache_bytes_total > 0
+        big = 15 * PAGE_SIZE  # two such sessions leave 2 pages
+        with Stream(stub) as held, Stream(stub) as held_too:
+            for stream in (held, held_too):
+                assert stream.send(open_request(cluster.model_key, new_id(), max_length=big, end=3)).opened
+            assert info(stub).cache_tokens_free == 2 * PAGE_SIZE
+            with Stream(stub) as too_big, pytest.raises(grpc.RpcError) as refused:
+                too_big.send(open_request(cluster.model_key, new_id(), max_length=3 * PAGE_SIZE, end=3))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "node is full: the session needs 48 cache tokens" in str(refused.value.details())
+            with Stream(stub) as small:  # what fits still runs, beside the big sessions
+                sid = new_id()
+                assert small.send(open_request(cluster.model_key, sid, max_length=2 * PAGE_SIZE, end=3)).opened
+                assert info(stub).cache_tokens_free == 0
+                assert small.send(step_request(sid, 0, info(stub).hidden_size, new=4)).HasField("result")
+            wait_for(lambda: info(stub).cache_tokens_free == 2 * PAGE_SIZE, 30, "the small session's pages")
+        wait_for(lambda: info(stub).cache_tokens_free == total, 30, "every page back")
