@@ -34,7 +34,7 @@ from hivegen.cli import main
 from hivegen.credits.identity import Identity
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.span import BlockSpan
-from hivegen.node import server, servicer, sessions
+from hivegen.node import batching, server, servicer, sessions
 from hivegen.node.errors import RequestError
 from hivegen.proto import node_pb2
 from hivegen.proto.tensors import deserialize
@@ -113,9 +113,13 @@ def _other_span(span: BlockSpan, control: dict[str, Any]) -> BlockSpan:
     return _others[key]
 
 
-def _forward(self: BlockSpan, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _run(self: batching.Scheduler, work: batching.Work) -> tuple[torch.Tensor, float]:
+    """A lying step of "weights" mode runs alone, on this thread, through the other weights (into the session's
+    own pages or cache): the node's scheduler would otherwise run it with the honest ones, batched or not."""
     other = getattr(_local, "other", None)
-    return _original_forward(other if other is not None else self, *args, **kwargs)
+    if other is None:
+        return _original_run(self, work)
+    return _original_run(batching.Scheduler(other, self.pool, batching=False), work)
 
 
 def _signed_result(
@@ -129,11 +133,11 @@ def _signed_result(
 
 _original_open = sessions.SessionManager.open
 _original_step = sessions.SessionManager.step
-_original_forward = BlockSpan.forward
+_original_run = batching.Scheduler.run
 _original_signed_result = servicer.NodeServicer._signed_result
 sessions.SessionManager.open = _open  # type: ignore[method-assign]
 sessions.SessionManager.step = _step  # type: ignore[method-assign]
-BlockSpan.forward = _forward  # type: ignore[method-assign]
+batching.Scheduler.run = _run  # type: ignore[method-assign]
 servicer.NodeServicer._signed_result = _signed_result  # type: ignore[method-assign]
 server.measure_throughput = lambda span, steps=3: CLAIMED_THROUGHPUT  # type: ignore[assignment]
 

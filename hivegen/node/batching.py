@@ -1,9 +1,9 @@
-"""Continuous batching: one thread runs every forward of a node, and the decode steps of different sessions that
-are waiting at the same time run as one forward.
+"""Continuous batching: a node runs one forward at a time, and the decode steps of different sessions that are
+waiting at the same time run as one forward.
 
-Step threads hand validated work to the `Scheduler` and wait. Each round it takes everything that is waiting:
-decode steps (one new position per row) of sessions over the same blocks are batched, up to `max_rows` rows a
-forward; then one chunk of at most `prefill_chunk` positions of the oldest prefill runs, so a long prompt delays
+Step threads hand validated work to the `Scheduler`; one of them at a time runs a round for all. Each round takes
+everything that is waiting: decode steps (one new position per row) of sessions over the same blocks are batched,
+up to `max_rows` rows a forward; then one chunk of at most `prefill_chunk` positions of the oldest prefill runs, so a long prompt delays
 running decodes by one chunk at a time, never by the whole prompt. Sessions join and leave between rounds.
 
 With a `KVPool` every session's keys and values live in the pool and any rows can share a forward
@@ -71,7 +71,11 @@ class BatchStats:
 
 
 class Scheduler:
-    """Runs every forward of the node on one thread, batching what can be batched."""
+    """Runs every forward of the node, one at a time, batching what can be batched.
+
+    There is no thread of its own: a step's thread that finds no forward running runs the next round itself, for
+    everything waiting by then (so a lone session's step costs no hand-off between threads), and the threads still
+    waiting take over in turn."""
 
     def __init__(
         self,
@@ -89,47 +93,54 @@ class Scheduler:
         self.stats = BatchStats()
         self.on_forward: Callable[[int, float], None] | None = None  # (rows, seconds) of each forward
         self._waiting: deque[Work] = deque()
-        self._prefills: deque[Work] = deque()
+        self._prefills: deque[Work] = deque()  # prompts part-way through (touched only by the running round)
         self._cond = threading.Condition()
+        self._running = False
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="hivegen-forward", daemon=True)
-        self._thread.start()
 
     def run(self, work: Work) -> tuple[torch.Tensor, float]:
-        """Queue `work` and wait for its output [rows, new, hidden] and the seconds of compute it shared."""
+        """Queue `work` and return its output [rows, new, hidden] and the seconds of compute it shared, running
+        rounds of forwards whenever none is running."""
         with self._cond:
             if self._stopped:
                 raise RuntimeError("the node is stopping")
             self._waiting.append(work)
-            self._cond.notify()
+            while not work.future.done():
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._cond.release()
+                try:
+                    self._round()
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
         return work.future.result()
 
     def stop(self) -> None:
+        """Fail what is waiting; later steps are refused."""
         with self._cond:
             self._stopped = True
-            self._cond.notify()
-        self._thread.join(timeout=10)
+            pending = [*self._waiting, *self._prefills]
+            self._waiting.clear()
+            self._prefills.clear()
+            for work in pending:
+                work.future.set_exception(RuntimeError("the node is stopping"))
+            self._cond.notify_all()
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._waiting and not self._prefills and not self._stopped:
-                    self._cond.wait()
-                if self._stopped:
-                    pending = [*self._waiting, *self._prefills]
-                    self._waiting.clear()
-                    self._prefills.clear()
-                    break
-                arrived = list(self._waiting)
-                self._waiting.clear()
-            decodes: list[Work] = []
-            for work in arrived:
-                (decodes if work.new == 1 else self._prefills).append(work)
-            self._run_decodes(decodes)
-            if self._prefills:
-                self._run_prefill_chunk()
-        for work in pending:
-            work.future.set_exception(RuntimeError("the node is stopping"))
+    def _round(self) -> None:
+        """Every decode step waiting now (batched), then one chunk of the oldest prompt."""
+        with self._cond:
+            arrived = list(self._waiting)
+            self._waiting.clear()
+        decodes: list[Work] = []
+        for work in arrived:
+            (decodes if work.new == 1 else self._prefills).append(work)
+        self._run_decodes(decodes)
+        if self._prefills:
+            self._run_prefill_chunk()
 
     def _run_decodes(self, decodes: list[Work]) -> None:
         if not self.batching:
