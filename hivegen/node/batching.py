@@ -3,8 +3,9 @@ waiting at the same time run as one forward.
 
 Step threads hand validated work to the `Scheduler`; one of them at a time runs a round for all. Each round takes
 everything that is waiting: decode steps (one new position per row) of sessions over the same blocks are batched,
-up to `max_rows` rows a forward; then one chunk of at most `prefill_chunk` positions of the oldest prefill runs, so a long prompt delays
-running decodes by one chunk at a time, never by the whole prompt. Sessions join and leave between rounds.
+up to `max_rows` rows a forward; then one chunk of at most `prefill_chunk` positions of the oldest prefill runs,
+so a long prompt delays running decodes by one chunk at a time, never by the whole prompt. Sessions join and leave
+between rounds.
 
 With a `KVPool` every session's keys and values live in the pool and any rows can share a forward
 (`hivegen.model.paged`). Without one (a model whose blocks keep another kind of cache), or when the model's
