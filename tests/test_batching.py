@@ -8,7 +8,7 @@ the wire."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -48,6 +48,15 @@ def own_cache_run(span: BlockSpan, hidden: torch.Tensor, prompt: int) -> torch.T
     return torch.cat(outs, dim=1)
 
 
+def run_together(target: Callable[[int], None], count: int, timeout: float) -> None:
+    """target(0) .. target(count - 1), each on its own thread, all joined within `timeout` seconds each."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+
+
 def test_the_pool_and_batching_are_checked_on_the_models_blocks(span: BlockSpan) -> None:
     support = paged_support(span)
     assert support.batching and support.shapes == layer_shapes(span), support.reason
@@ -81,11 +90,7 @@ def test_concurrent_sessions_of_different_lengths_share_forwards_and_match_their
         results[i] = torch.cat(outs, dim=1)
         pool.release(slots)
 
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(lengths))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_together(session, len(lengths), timeout=60)
     scheduler.stop()
     assert sorted(results) == list(range(len(lengths)))
     for i, n in enumerate(lengths):
@@ -178,11 +183,7 @@ def test_eight_concurrent_clients_get_transformers_tokens_and_their_steps_are_ba
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(CLIENTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=240)
+    run_together(client, len(CLIENTS), timeout=240)
     assert not errors, errors
     for i, (length, rows, new) in enumerate(CLIENTS):
         for row in range(rows):
