@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+from collections import Counter
+
 import pytest
 
-from hivegen.client.routing import RoutingCosts, plan_route
+from hivegen.client.routing import RoutingCosts, plan_route, slowdowns
 from hivegen.dht import SpanRecord, owned_subkey
 from hivegen.errors import NoRouteError, format_blocks
 
@@ -129,3 +133,47 @@ def test_a_node_advertises_its_uncontended_speed(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(torch, "zeros", lambda *a, **k: torch.empty(1, 8, 4))
     throughput = server.measure_throughput(_ContendedSpan(clock, slow_steps=3))  # type: ignore[arg-type]
     assert 900 < throughput < 1100
+    # Contention longer than the first steps (10 steps of 40 ms): the node keeps timing for half a second.
+    throughput = server.measure_throughput(_ContendedSpan(clock, slow_steps=10))  # type: ignore[arg-type]
+    assert 900 < throughput < 1100
+
+
+STILL = RoutingCosts(spread=0.0)  # no random draw: the load alone decides
+
+
+def test_a_nodes_load_is_its_records_count_or_this_clients_own_sessions_whichever_is_more() -> None:
+    busy = dataclasses.replace(span("busy", 0, 6), active_sessions=4)
+    found = spans(busy, span("idle", 0, 6), span("mine", 0, 6))
+    factors = slowdowns(found, {nid("mine"): 2, nid("busy"): 1}, STILL, random.Random(0))
+    assert factors == {nid("busy"): 3.0, nid("idle"): 1.0, nid("mine"): 2.0}
+
+
+def test_sessions_go_to_the_less_loaded_of_equal_replicas() -> None:
+    found = spans(dataclasses.replace(span("a", 0, 6), active_sessions=1), span("b", 0, 6))
+    route = plan_route(found, "m", 0, 6, slowdown=slowdowns(found, {}, STILL, random.Random(0)))
+    assert hops(route) == [("b", 0, 6)]
+    # ... but a replica much faster than the other still takes more than its share.
+    fast = spans(dataclasses.replace(span("fast", 0, 6, throughput=400.0), active_sessions=2), span("slow", 0, 6))
+    route = plan_route(fast, "m", 0, 6, slowdown=slowdowns(fast, {}, STILL, random.Random(0)))
+    assert hops(route) == [("fast", 0, 6)]
+
+
+def test_clients_that_see_the_same_idle_replicas_spread_over_them() -> None:
+    found = spans(span("a", 0, 3), span("b", 0, 3), span("c", 3, 6), span("d", 3, 6))
+    rng = random.Random(0)
+    picks: Counter[str] = Counter()
+    for _ in range(200):
+        route = plan_route(found, "m", 0, 6, slowdown=slowdowns(found, {}, RoutingCosts(), rng))
+        picks.update(name for name, _, _ in hops(route))
+    assert set(picks) == {"a", "b", "c", "d"}
+    assert min(picks.values()) > 200 * 0.3, picks  # about half each; never all on one replica
+
+
+def test_one_client_spreads_its_own_open_sessions_before_any_record_shows_them() -> None:
+    found = spans(span("a", 0, 6), span("b", 0, 6))
+    rng = random.Random(1)
+    mine: Counter[str] = Counter()
+    for _ in range(8):
+        route = plan_route(found, "m", 0, 6, slowdown=slowdowns(found, mine, RoutingCosts(), rng))
+        mine[route[0].node_id] += 1
+    assert sorted(mine.values()) in ([4, 4], [3, 5]), mine  # the random spread is worth at most one session

@@ -37,7 +37,26 @@ class HealthBook:
 
     def __init__(self) -> None:
         self._nodes: dict[str, NodeHealth] = {}
+        self._open: dict[str, int] = {}  # node id -> sessions this client has open on it now
         self._lock = threading.Lock()
+
+    def opened(self, node_id: str) -> None:
+        """A session on the node opened (its load, as this client knows it before any record says so)."""
+        with self._lock:
+            self._open[node_id] = self._open.get(node_id, 0) + 1
+
+    def closed(self, node_id: str) -> None:
+        with self._lock:
+            left = self._open.get(node_id, 0) - 1
+            if left > 0:
+                self._open[node_id] = left
+            else:
+                self._open.pop(node_id, None)
+
+    def open_sessions(self) -> dict[str, int]:
+        """node id -> sessions this client has open on it."""
+        with self._lock:
+            return dict(self._open)
 
     def observe(self, node_id: str, seconds: float, blocks: int, positions: int) -> None:
         """Record a successful step of `positions` new positions through `blocks` blocks taking `seconds` (wall).

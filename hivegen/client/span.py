@@ -111,6 +111,7 @@ class SpanSession:
         self.signed_work = 0  # the most work a receipt signed so far pays for
         self._signed_seq = 0
         self._closed = threading.Event()
+        self._counted = False
         self._requests: queue.Queue[object] = queue.Queue()
         self._responses: queue.Queue[object] = queue.Queue(maxsize=4)  # a node cannot flood the client
         element = torch.empty((), dtype=self.dtype).element_size()
@@ -136,6 +137,8 @@ class SpanSession:
         except BaseException:
             self.close()  # ends the stream and its reader thread
             raise
+        self._counted = True  # one of the node's sessions, as routes count its load, until closed
+        swarm.health.opened(hop.node_id)
 
     @property
     def paid(self) -> bool:
@@ -189,6 +192,9 @@ class SpanSession:
         self._closed.set()
         self._requests.put(_CLOSE)
         self._call.cancel()
+        if self._counted:
+            self._counted = False
+            self.swarm.health.closed(self.hop.node_id)
 
     @property
     def _params_per_token(self) -> int:

@@ -13,7 +13,7 @@ import hivemind
 
 from hivegen.client.bans import BanList
 from hivegen.client.health import HealthBook
-from hivegen.client.routing import Hop, RoutingCosts, claimed_block_seconds, plan_route
+from hivegen.client.routing import Hop, RoutingCosts, claimed_block_seconds, plan_route, slowdowns
 from hivegen.dht import SpanRecord, fetch_spans, start_dht
 from hivegen.errors import NoRouteError
 from hivegen.proto import node_pb2, node_pb2_grpc
@@ -60,6 +60,7 @@ class SwarmView:
         self._cached: tuple[float, dict[str, SpanRecord]] | None = None
         self._channels: dict[tuple[str, int], grpc.Channel] = {}
         self._lock = threading.Lock()
+        self._rng = random.Random()  # the routes' spread over equal replicas
 
     def spans(self, fresh: bool = False) -> dict[str, SpanRecord]:
         """Online spans of the model (node id -> record), from a recent look-up unless `fresh`."""
@@ -85,9 +86,10 @@ class SwarmView:
         fresh = bool(exclude)  # re-routing after a failure: look again
         while True:
             avoid = set(exclude) | self.health.excluded()
+            spans = self.spans(fresh)
             try:
                 return plan_route(
-                    self.spans(fresh),
+                    spans,
                     self.model_key,
                     start,
                     end,
@@ -95,6 +97,7 @@ class SwarmView:
                     exclude=avoid,
                     costs=self.costs,
                     measured=self.health.measured(),
+                    slowdown=slowdowns(spans, self.health.open_sessions(), self.costs, self._rng),
                 )
             except NoRouteError:
                 if not fresh:  # the cached view may be stale: look once more before waiting

@@ -35,6 +35,8 @@ from hivegen.proto.tensors import DTYPE_NAMES, dtype_from_name
 
 logger = logging.getLogger(__name__)
 OUTBOX_FILE = "receipts.sqlite"
+MEASURE_SECONDS = 0.5  # a node times decode steps this long when it starts (the fastest one is its speed)
+MEASURE_MAX_STEPS = 256
 
 
 @dataclass
@@ -252,17 +254,23 @@ class NodeServer:
         write_json_atomic(path, data)
 
 
-def measure_throughput(span: BlockSpan, steps: int = 8) -> float:
-    """Decode steps per second of the whole span at batch 1, from the fastest of `steps` steps of a short dummy
-    session: a node measures itself while it starts, often beside other processes starting on the same cores,
-    and a mean over that contention would advertise it as slower than it is for the life of its record."""
+def measure_throughput(
+    span: BlockSpan, steps: int = 8, seconds: float = MEASURE_SECONDS, max_steps: int = MEASURE_MAX_STEPS
+) -> float:
+    """Decode steps per second of the whole span at batch 1, from the fastest step of a short dummy session (at
+    least `steps` steps, then more until `seconds` have passed or `max_steps` ran): a node measures itself while it
+    starts, often beside other processes starting on the same cores, and a mean over that contention, or a few
+    steps that all fell into it, would advertise it as slower than it is for the life of its record."""
     cache = span.new_cache()
     prompt = 8
     hidden = torch.zeros((1, prompt, span.hidden_size), dtype=span.dtype)
     mask = torch.ones((1, prompt), dtype=torch.int64)
     span.forward(hidden, torch.arange(prompt)[None], mask, cache)
     fastest = float("inf")
-    for i in range(steps):
+    began_all = time.perf_counter()
+    for i in range(max(steps, max_steps)):
+        if i >= steps and time.perf_counter() - began_all >= seconds:
+            break
         mask = torch.ones((1, prompt + i + 1), dtype=torch.int64)
         began = time.perf_counter()
         span.forward(hidden[:, :1], torch.tensor([[prompt + i]]), mask, cache)
