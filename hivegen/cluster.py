@@ -123,7 +123,7 @@ class LocalCluster:
         self.spans = spans if spans is not None else split_blocks(self.num_blocks, nodes)
         self.host = host
         self.dtype = dtype
-        self.node_threads = node_threads or max(1, (os.cpu_count() or 1) // len(self.spans))
+        self.node_threads = node_threads or max(1, (os.cpu_count() or 1) // max(1, len(self.spans)))
         # Without a work_dir, a temporary one (identities, ledger, logs, receipts) removed by stop() unless
         # start-up failed (its logs say why).
         self.temporary = not work_dir
@@ -163,7 +163,7 @@ class LocalCluster:
                 self.dht = start_dht(self.join or None, host=self.host)
             for start, end in self.spans:
                 self.nodes.append(self.spawn_node(start, end))
-            self.wait_ready()
+            self.wait_ready(covered=bool(self.spans))  # an empty cluster (spans=[]) is a DHT that nodes join later
             if self.api_port is not None:
                 self.start_api(self.api_port, self.api_args)
         except BaseException:
@@ -206,13 +206,14 @@ class LocalCluster:
 
     def spawn_node(
         self,
-        start: int,
-        end: int,
+        start: int | None,
+        end: int | None,
         extra_args: list[str] | None = None,
         home: Path | None = None,
         launcher: list[str] | None = None,
     ) -> ClusterNode:
-        """Start a node process for blocks [start, end) (not yet added to `nodes`); `home` reuses a node's
+        """Start a node process for blocks [start, end), or placed by itself where both are None (add
+        --num-blocks or --memory to `extra_args`), not yet added to `nodes`; `home` reuses a node's
         identity and receipts, as a restart after a crash would; `launcher` replaces `python -m hivegen` (tests
         run nodes that misbehave on purpose this way)."""
         index = len(self.nodes)
@@ -224,7 +225,8 @@ class LocalCluster:
         extra_args = list(extra_args or [])
         cmd = [
             *(launcher or [sys.executable, "-m", "hivegen"]), "node", "serve",
-            "--model", str(self.model), "--blocks", f"{start}:{end}", "--host", self.host,
+            "--model", str(self.model), *(["--blocks", f"{start}:{end}"] if start is not None else []),
+            "--host", self.host,
             "--ready-file", str(ready), "--num-threads", str(self.node_threads),
             "--initial-peers", *self.initial_peers, *self.node_args, *extra_args,
         ]  # fmt: skip
@@ -236,22 +238,23 @@ class LocalCluster:
         env = child_env(**{PARENT_PID_ENV: str(os.getpid())})
         with open(log, "ab") as log_fh:
             process = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        return ClusterNode((start, end), process, ready, log, home, extra_args, launcher)
+        return ClusterNode((start or 0, end or 0), process, ready, log, home, extra_args, launcher)
 
     def add_node(
         self,
-        start: int,
-        end: int,
+        start: int | None,
+        end: int | None,
         extra_args: list[str] | None = None,
         launcher: list[str] | None = None,
         home: Path | None = None,
     ) -> ClusterNode:
-        """Start one more node for blocks [start, end) in the running cluster; return once it is announced.
+        """Start one more node for blocks [start, end) (None, None: placed by itself) in the running cluster;
+        return once it is announced.
         `home` is its directory (identity, receipts; default: a new one under the work dir)."""
         node = self.spawn_node(start, end, extra_args=extra_args, launcher=launcher, home=home)
         self.nodes.append(node)
         try:
-            self.wait_ready([node])
+            self.wait_ready([node], covered=False)
             assert self.dht is not None
             deadline = time.monotonic() + self.startup_timeout
             while node.node_id not in fetch_spans(self.dht, self.model_key, self.num_blocks):
@@ -272,8 +275,8 @@ class LocalCluster:
         self.wait_ready([node])
         return node
 
-    def wait_ready(self, nodes: list[ClusterNode] | None = None) -> None:
-        """Wait until the nodes wrote their ready files and the DHT shows every block covered."""
+    def wait_ready(self, nodes: list[ClusterNode] | None = None, covered: bool = True) -> None:
+        """Wait until the nodes wrote their ready files and (with `covered`) the DHT shows every block covered."""
         deadline = time.monotonic() + self.startup_timeout
         pending = list(nodes if nodes is not None else self.nodes)
         while pending:
@@ -287,14 +290,21 @@ class LocalCluster:
                     info = json.loads(node.ready_file.read_text())
                     node.address, node.node_id = info["address"], info["node_id"]
                     node.account = info.get("account", "")
+                    node.blocks = (int(info["blocks"][0]), int(info["blocks"][1]))
                     pending.remove(node)
             self._check_deadline(deadline, pending)
             time.sleep(0.2)
         assert self.dht is not None
-        while missing := missing_blocks(
-            fetch_spans(self.dht, self.model_key, self.num_blocks).values(), self.num_blocks
-        ):
-            self._check_deadline(deadline, [], missing)
+        # Every node's own record, not only every block: a client routing before a node's record shows would not
+        # see it (e.g. take two hops where one node serves all blocks).
+        waiting = {n.node_id for n in (nodes if nodes is not None else self.nodes)}
+        while True:
+            found = fetch_spans(self.dht, self.model_key, self.num_blocks)
+            missing = missing_blocks(found.values(), self.num_blocks) if covered else []
+            unseen = waiting - set(found)
+            if not missing and not unseen:
+                return
+            self._check_deadline(deadline, [n for n in self.nodes if n.node_id in unseen], missing)
             time.sleep(0.2)
 
     def _check_deadline(self, deadline: float, pending: list[ClusterNode], missing: list[int] | None = None) -> None:

@@ -82,6 +82,7 @@ class RemoteModelForCausalLM:
         allowed_nodes: Collection[str] | None = None,
         costs: RoutingCosts | None = None,
         route_wait: float = 10.0,
+        heal_wait: float = 0.0,
         spans_ttl: float = 5.0,
         identity: Identity | str | Path | None = None,
         verify: VerifyPolicy | str | float | bool | None = None,
@@ -100,7 +101,10 @@ class RemoteModelForCausalLM:
         a rate in [0, 1], or "all". Nodes caught lying are banned in `bans` (a BanList or a JSON file; default
         ~/.hivegen/banned-nodes.json) and reported to `coordinator` (HOST:PORT) with evidence. `timeout` fixes
         the seconds a node may take per step (default: 10x its measured step time, at least 2 s);
-        `failover_seconds` bounds how long one step keeps routing around failed nodes.
+        `failover_seconds` bounds how long one step keeps routing around failed nodes. `route_wait` is how long
+        a generation waits for blocks nobody serves yet (nodes starting); `heal_wait`, how long it waits, after a
+        node failed, for its blocks to be served again when no other node serves them (a node placed automatically
+        moves there); 0 reports them missing at once.
         """
         checkpoint = ModelCheckpoint.open(resolve_model_path(str(path)))  # a directory, or a demo name: "smollm2"
         if isinstance(dtype, str):
@@ -117,6 +121,7 @@ class RemoteModelForCausalLM:
             costs=costs,
             allowed_nodes=allowed_nodes,
             route_wait=route_wait,
+            heal_wait=heal_wait,
             spans_ttl=spans_ttl,
             bans=bans,
         )

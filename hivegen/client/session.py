@@ -71,6 +71,7 @@ class InferenceSession:
         self.failover_seconds = failover_seconds
         self.attest = attest
         self.failed_nodes: set[str] = set()
+        self.failed_spans: dict[str, tuple[int, int] | None] = {}  # node id -> the span it failed serving, if known
         self.failures: list[RemoteError] = []  # why each failed node was dropped
         self.refused_credits: InsufficientCredits | None = None  # the last node that would not serve us on credit
         self.spans: list[SpanSession] = []
@@ -160,12 +161,14 @@ class InferenceSession:
             self.payer.prove_grant(need)
             return SpanSession(*args, attest=self.attest)
 
-    def _open_chain(self, start: int, end: int, wait: bool = False) -> list[SpanSession]:
+    def _open_chain(self, start: int, end: int, wait: bool = False, healing: bool = False) -> list[SpanSession]:
         """Open sessions on a route for blocks [start, end); a node that refuses or fails is routed around."""
         needed_tokens = self.max_length * self.batch_size
         while True:
             try:
-                route = self.swarm.route(start, end, exclude=self.failed_nodes, needed_tokens=needed_tokens, wait=wait)
+                route = self.swarm.route(
+                    start, end, failed=self.failed_spans, needed_tokens=needed_tokens, wait=wait, healing=healing
+                )
             except NoRouteError as exc:
                 if self.refused_credits is not None:  # every node left wants credits we do not have
                     raise self.refused_credits from exc
@@ -181,6 +184,7 @@ class InferenceSession:
                     span.close()
                 self.refused_credits = exc
                 self.failed_nodes.add(route[len(opened)].node_id)
+                self.failed_spans[route[len(opened)].node_id] = None
                 continue
             except RemoteError as exc:
                 for span in opened:
@@ -202,6 +206,8 @@ class InferenceSession:
         signed, self-evidently wrong answer also goes to `on_fault`."""
         hop = culprit.hop if isinstance(culprit, SpanSession) else culprit
         self.failed_nodes.add(hop.node_id)
+        record = self.swarm.spans().get(hop.node_id)
+        self.failed_spans[hop.node_id] = (record.start, record.end) if record is not None else None
         self.failures.append(error)
         self.swarm.health.failed(hop.node_id, f"{error.code}: {error.details}")
         if isinstance(error, ProvenFault) and isinstance(culprit, SpanSession) and self.on_fault is not None:
@@ -221,7 +227,7 @@ class InferenceSession:
         failed.close()
         self.dropped.append(failed)
         while True:
-            replacement = self._open_chain(failed.hop.start, failed.hop.end)
+            replacement = self._open_chain(failed.hop.start, failed.hop.end, healing=True)
             try:
                 for past in failed.history:
                     hidden = past.hidden

@@ -6,7 +6,7 @@ import dataclasses
 import random
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import grpc
 import hivemind
@@ -43,6 +43,7 @@ class SwarmView:
         costs: RoutingCosts | None = None,
         allowed_nodes: Collection[str] | None = None,
         route_wait: float = 0.0,
+        heal_wait: float = 0.0,
         spans_ttl: float = 5.0,
         bans: BanList | None = None,
     ) -> None:
@@ -54,6 +55,7 @@ class SwarmView:
         self.costs = costs or RoutingCosts()
         self.allowed_nodes = set(allowed_nodes) if allowed_nodes is not None else None
         self.route_wait = route_wait  # seconds to keep looking when blocks are missing (nodes starting up)
+        self.heal_wait = heal_wait  # ... and after a failure left blocks without a node (one may move there)
         self._own_dht = dht is None
         self.dht = dht if dht is not None else start_dht(list(initial_peers) or None, client_mode=True)
         self.spans_ttl = spans_ttl  # reuse a DHT look-up this long: it costs tens of ms per generation
@@ -74,19 +76,29 @@ class SwarmView:
         return found
 
     def route(
-        self, start: int, end: int, exclude: Collection[str] = (), needed_tokens: int = 0, wait: bool = True
+        self,
+        start: int,
+        end: int,
+        exclude: Collection[str] = (),
+        needed_tokens: int = 0,
+        wait: bool = True,
+        healing: bool = False,
+        failed: Mapping[str, tuple[int, int] | None] | None = None,
     ) -> list[Hop]:
-        """The cheapest chain for blocks [start, end) avoiding `exclude` and nodes cooling down after a failure.
+        """The cheapest chain for blocks [start, end) avoiding `exclude`, nodes cooling down after a failure, and
+        nodes of `failed` (node id -> the span they failed serving) unless they serve another span now (a node
+        that moved is another server: it may heal the gap it left).
 
         With `wait`, keeps looking up to route_wait seconds while blocks are missing (nodes starting up); a
-        re-route after a failure does not wait: a dead node's blocks with no replacement are reported at once.
+        re-route after a failure (`healing`) waits heal_wait seconds for them (by default none: a dead node's
+        blocks with no replacement are reported at once).
         """
         began = time.monotonic()
-        deadline = began + (self.route_wait if wait else 0.0)
-        fresh = bool(exclude)  # re-routing after a failure: look again
+        deadline = began + (self.heal_wait if healing else self.route_wait if wait else 0.0)
+        fresh = bool(exclude or failed)  # re-routing after a failure: look again
         while True:
-            avoid = set(exclude) | self.health.excluded()
             spans = self.spans(fresh)
+            avoid = set(exclude) | self.health.excluded() | _still_failing(failed or {}, spans)
             try:
                 return plan_route(
                     spans,
@@ -159,3 +171,11 @@ class SwarmView:
             self._channels.clear()
         if self._own_dht:
             self.dht.shutdown()
+
+
+def _still_failing(failed: Mapping[str, tuple[int, int] | None], spans: Mapping[str, SpanRecord]) -> set[str]:
+    """The failed nodes to keep out: all but those that announce another span than the one they failed at."""
+    return {
+        node for node, at in failed.items()
+        if at is None or node not in spans or (spans[node].start, spans[node].end) == at
+    }  # fmt: skip

@@ -78,11 +78,13 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.num_threads)
     from hivegen.node.server import NodeConfig, NodeServer
 
-    start, end = args.blocks
+    start, end = args.blocks or (None, None)
     stop = StopSignals()
     node = NodeServer(
         NodeConfig(
-            model=resolve_model_path(args.model), start=start, end=end, initial_peers=args.initial_peers or [],
+            model=resolve_model_path(args.model), start=start, end=end, num_blocks=args.num_blocks,
+            memory=args.memory, rebalance_interval=args.rebalance_interval, drain_seconds=args.drain_seconds,
+            announce_ttl=args.announce_ttl, initial_peers=args.initial_peers or [],
             attn_implementation=args.attn_implementation,
             host=args.host, port=args.port, dht_port=args.dht_port, device=args.device, dtype=args.dtype,
             cache_tokens=args.cache_tokens, cache_memory=args.cache_memory, max_batch_rows=args.max_batch_rows,
@@ -98,7 +100,12 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         node.start()
-        print(f"hivegen node: serving blocks {start}:{end} of {node.model_key} at {node.address}", flush=True)
+        chosen = " (placed where the swarm serves the least; it moves when that helps)" if node.placed else ""
+        print(
+            f"hivegen node: serving blocks {node.start_block}:{node.end_block} of {node.model_key} at "
+            f"{node.address}{chosen}",
+            flush=True,
+        )
         if node.identity is not None:
             print(f"node account {node.identity.account} (key {node.identity_path})", flush=True)
         if node.metrics_url:
@@ -122,7 +129,33 @@ def add_commands(commands: Any) -> None:
     )
     serve = node.add_parser("serve", help="serve a span of a model's blocks and announce it in the DHT")
     serve.add_argument("--model", required=True, help="checkpoint directory, or a prepared demo model name")
-    serve.add_argument("--blocks", required=True, type=_blocks, help="START:END, the blocks to serve")
+    where = serve.add_argument_group(
+        "which blocks",
+        "without --blocks the node chooses: as many blocks as --num-blocks, or its memory, holds, where the swarm "
+        "serves the least (blocks nobody serves first); while it runs, it moves when moving raises the swarm's "
+        "slowest block by 25% or more, after its open sessions finish (for up to --drain-seconds; the rest fail over)",
+    )
+    span = where.add_mutually_exclusive_group()
+    span.add_argument("--blocks", type=_blocks, help="START:END, the blocks to serve (fixed: the node never moves)")
+    span.add_argument("--num-blocks", type=int, metavar="N", help="serve N blocks, placed automatically")
+    span.add_argument(
+        "--memory", type=_size, metavar="SIZE",
+        help="memory the blocks' weights may take, e.g. 8GiB (placed automatically; default: half the free GPU "
+        "memory, or half the available RAM on CPU)",
+    )  # fmt: skip
+    where.add_argument(
+        "--rebalance-interval", type=float, default=60.0, metavar="S",
+        help="seconds between checks for a better span, when placed automatically (0: never move; default 60)",
+    )  # fmt: skip
+    where.add_argument(
+        "--drain-seconds", type=float, default=30.0, metavar="S",
+        help="moving: how long open sessions may go on before they are closed and fail over (default 30)",
+    )  # fmt: skip
+    where.add_argument(
+        "--announce-ttl", type=float, default=30.0, metavar="S",
+        help="seconds the node's DHT records live unless refreshed (every S/3): how long a crashed node still "
+        "looks alive, and how soon others fill its gap (default 30)",
+    )  # fmt: skip
     add_peers_argument(serve, required=False, help="DHT multiaddrs to join (none: start a new swarm)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind and announce")
     serve.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")

@@ -78,6 +78,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self.account = sessions.billing.account if sessions.billing is not None else ""
         self.quotas = quotas if quotas is not None else ClientQuotas(1 << 30, 1 << 62)
         self.limits = limits if limits is not None else StreamLimits()
+        self.draining = ""  # set while the node moves to other blocks: why new sessions are refused
         self._steps: Executor = ThreadPoolExecutor(step_workers, thread_name_prefix="hivegen-step")
         self._admission: Executor = ThreadPoolExecutor(admission_workers, thread_name_prefix="hivegen-open")
 
@@ -185,6 +186,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
     def _open(self, stream: _Stream, req: node_pb2.OpenSession) -> Session:
         """(worker thread) Admit the session within the per-client limits, then keep it on `stream`."""
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, self.draining)
         paid = self.sessions.billing is not None
         unlimited = self.limits.unlimited
         claimed = client_of(stream.peer, req.client_account if paid else "", unlimited)
