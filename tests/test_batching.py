@@ -20,11 +20,11 @@ from hivegen.cluster import LocalCluster
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.model.paged import PAGE_SIZE, CacheFull, KVPool, layer_shapes, paged_support, slot_bytes
 from hivegen.model.span import BlockSpan
-from hivegen.node.batching import Scheduler, Work
-from hivegen.proto import node_pb2, node_pb2_grpc
+from hivegen.node.batching import Abandoned, Scheduler, Work
+from hivegen.proto import node_pb2_grpc
 from hivegen.proto.options import grpc_options
 from tests.conftest import ClusterFactory, TinyFactory, greedy_reference, wait_for
-from tests.wire import Stream, info, new_id, open_request, step_request
+from tests.wire import Stream, info, new_id, node_infos, open_request, step_request
 
 RELATIVE = 1e-5  # float32: a batched step may differ from a lone one in the last bits, no more
 
@@ -117,6 +117,27 @@ def test_a_lone_session_computes_exactly_what_the_models_own_cache_does(span: Bl
     assert torch.equal(torch.cat(outs, dim=1), own_cache_run(span, x, 9))  # bit for bit
 
 
+def test_a_step_whose_client_left_is_dropped_before_it_runs(span: BlockSpan) -> None:
+    """A client that ends its stream while its step waits gets nothing computed: the forward is skipped, so the
+    node can give the session's cache back at once instead of after a prompt nobody will read."""
+    support = paged_support(span)
+    assert support.shapes is not None
+    pool = KVPool(support.shapes, 256, span.dtype)
+    scheduler = Scheduler(span, pool, batching=True)
+    slots = pool.reserve(1, 64)
+    left = threading.Event()
+    left.set()
+    x = torch.randn((1, 64, span.hidden_size))
+    work = Work(span.start, span.end, x, torch.arange(64)[None], torch.ones((1, 64)), slots, None, abandoned=left)
+    with pytest.raises(Abandoned, match="ended the stream"):
+        scheduler.run(work)
+    stayed = Work(span.start, span.end, x[:, :4], torch.arange(4)[None], torch.ones((1, 4)), slots, None,
+                  abandoned=threading.Event())  # fmt: skip
+    assert scheduler.run(stayed)[0].shape == (1, 4, span.hidden_size)  # the next one runs as usual
+    assert scheduler.stats.forwards == 1
+    scheduler.stop()
+
+
 def test_the_pool_is_the_budget_and_refuses_what_does_not_fit(span: BlockSpan) -> None:
     shapes = layer_shapes(span)
     pool = KVPool(shapes, 100, span.dtype)  # rounded down to whole pages: 96 positions
@@ -156,14 +177,6 @@ def cluster(model_path: Path, start_cluster: ClusterFactory) -> LocalCluster:
 def model(model_path: Path, cluster: LocalCluster) -> Iterator[RemoteModelForCausalLM]:
     with RemoteModelForCausalLM.from_pretrained(model_path, cluster.initial_peers, verify="off") as remote:
         yield remote
-
-
-def node_infos(cluster: LocalCluster) -> list[node_pb2.NodeInfo]:
-    infos = []
-    for node in cluster.nodes:
-        with grpc.insecure_channel(node.address, options=grpc_options()) as channel:
-            infos.append(info(node_pb2_grpc.NodeStub(channel)))
-    return infos
 
 
 def test_eight_concurrent_clients_get_transformers_tokens_and_their_steps_are_batched(

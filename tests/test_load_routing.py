@@ -7,17 +7,14 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-import grpc
 import pytest
 
 from hivegen.client import RemoteModelForCausalLM
 from hivegen.client.session import InferenceSession
 from hivegen.cluster import LocalCluster
 from hivegen.dht import fetch_spans
-from hivegen.proto import node_pb2, node_pb2_grpc
-from hivegen.proto.options import grpc_options
 from tests.conftest import ClusterFactory, TinyFactory, wait_for
-from tests.wire import info
+from tests.wire import node_infos
 
 SPANS = [(0, 3), (0, 3), (3, 6), (3, 6)]  # two replicas of each half
 MAX_LENGTH = 32
@@ -44,14 +41,6 @@ def open_model(stack: ExitStack, model_path: Path, cluster: LocalCluster, **kwar
     return stack.enter_context(
         RemoteModelForCausalLM.from_pretrained(model_path, cluster.initial_peers, verify="off", **kwargs)
     )
-
-
-def node_infos(cluster: LocalCluster) -> list[node_pb2.NodeInfo]:
-    infos = []
-    for node in cluster.nodes:
-        with grpc.insecure_channel(node.address, options=grpc_options()) as channel:
-            infos.append(info(node_pb2_grpc.NodeStub(channel)))
-    return infos
 
 
 def hold_sessions(stack: ExitStack, model: RemoteModelForCausalLM, count: int) -> None:

@@ -8,9 +8,11 @@ import uuid
 import grpc
 import torch
 
+from hivegen.cluster import LocalCluster
 from hivegen.coordinator.client import open_request as signed_open
 from hivegen.credits.identity import Identity
 from hivegen.proto import ledger_pb2, node_pb2, node_pb2_grpc
+from hivegen.proto.options import grpc_options
 from hivegen.proto.tensors import serialize
 
 RPC_TIMEOUT = 60.0  # a deadline on every call, so a node that never answers fails the test instead of hanging it
@@ -20,6 +22,15 @@ Request = node_pb2.InferenceRequest
 
 def info(stub: node_pb2_grpc.NodeStub) -> node_pb2.NodeInfo:
     return stub.Info(node_pb2.InfoRequest(), timeout=RPC_TIMEOUT)
+
+
+def node_infos(cluster: LocalCluster) -> list[node_pb2.NodeInfo]:
+    """Every cluster node's Info, in the order of `cluster.nodes`."""
+    infos = []
+    for node in cluster.nodes:
+        with grpc.insecure_channel(node.address, options=grpc_options()) as channel:
+            infos.append(info(node_pb2_grpc.NodeStub(channel)))
+    return infos
 
 
 def new_id() -> str:

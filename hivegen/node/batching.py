@@ -45,6 +45,7 @@ class Work:
     slots: torch.Tensor | None  # [rows, max_length] in the pool, or None with `cache`
     cache: Cache | None  # the session's own cache when there is no pool
     future: Future[tuple[torch.Tensor, float]] = field(default_factory=Future)
+    abandoned: threading.Event | None = None  # set when the session's client went away: skip what has not run
     done: int = 0  # positions already run (a prefill runs in chunks)
     outputs: list[torch.Tensor] = field(default_factory=list)
     seconds: float = 0.0
@@ -60,6 +61,10 @@ class Work:
     @property
     def past(self) -> int:
         return int(self.mask.shape[1]) - self.new
+
+
+class Abandoned(Exception):
+    """The step's session was abandoned (its client ended the stream) before the step ran: nobody wants it."""
 
 
 @dataclass
@@ -138,7 +143,8 @@ class Scheduler:
             self._waiting.clear()
         decodes: list[Work] = []
         for work in arrived:
-            (decodes if work.new == 1 else self._prefills).append(work)
+            if not _dropped(work):
+                (decodes if work.new == 1 else self._prefills).append(work)
         self._run_decodes(decodes)
         if self._prefills:
             self._run_prefill_chunk()
@@ -163,6 +169,9 @@ class Scheduler:
 
     def _run_prefill_chunk(self) -> None:
         work = self._prefills[0]
+        if _dropped(work):  # its client left between two chunks
+            self._prefills.popleft()
+            return
         if self.pool is None:  # the model's own cache: the prompt in one forward
             self._prefills.popleft()
             self._run_alone(work)
@@ -250,3 +259,11 @@ class Scheduler:
         self.stats.max_rows = max(self.stats.max_rows, rows)
         if self.on_forward is not None:
             self.on_forward(rows, seconds)
+
+
+def _dropped(work: Work) -> bool:
+    """Fail `work` if its session was abandoned, so its cache can be freed without running it."""
+    if work.abandoned is None or not work.abandoned.is_set():
+        return False
+    work.future.set_exception(Abandoned("the session's client ended the stream before this step ran"))
+    return True

@@ -212,9 +212,18 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def _release_when_done(self, stream: _Stream) -> None:
         busy = stream.busy
         if busy is not None and not busy.done():
-            busy.add_done_callback(lambda _: self._release(stream))
+            if stream.session is not None:  # a step not yet run is dropped, so the cache comes back sooner
+                stream.session.abandoned.set()
+            busy.add_done_callback(lambda done: self._release_after(stream, done))
         else:
             self._release(stream)
+
+    def _release_after(self, stream: _Stream, done: asyncio.Future[Any]) -> None:
+        """Release once the work the stream left behind has finished; its outcome (a result nobody reads, or
+        `Abandoned`) is consumed so asyncio does not report it as never retrieved."""
+        if not done.cancelled():
+            done.exception()
+        self._release(stream)
 
     def _release(self, stream: _Stream) -> None:
         """Close the stream's session: its cache and its client's share are free again."""

@@ -63,6 +63,7 @@ class Session:
     history_digest: str = ""  # chained digest of every step's inputs so far (signed in each answer)
     opened_at: float = field(default_factory=time.monotonic)
     paid: PaidSession | None = None  # set when the node charges credits
+    abandoned: threading.Event = field(default_factory=threading.Event)  # its client left: run no more steps
 
     @property
     def length(self) -> int:
@@ -249,6 +250,7 @@ class SessionManager:
         if session.slots is None and session.cache is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {session.session_id} is closed")
         work = Work(session.start, session.end, hidden, positions, full_mask, session.slots, session.cache)
+        work.abandoned = session.abandoned
         out, seconds = self.scheduler.run(work)
         session.mask = full_mask
         session.next_step += 1
