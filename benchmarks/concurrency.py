@@ -8,7 +8,10 @@ prompt of --prompt-length tokens, all starting together. Per client count C:
   over one client's tok/s: how much more the swarm serves when C users share it;
 - per-client step latency p50/p90 (decode steps through every node, from model.last_timings), and `x one`;
 - local transformers generating a batch of C prompts in this process (1 thread), tok/s and `x one`: what the
-  same compute gives when the sequences share one forward, the ceiling batching on the nodes aims at.
+  same compute gives when the sequences share one forward, the ceiling batching on the nodes aims at;
+- where the CPU went while the clients generated, in ms of CPU per generated token: the whole machine, all
+  clients (each with its DHT helper and p2pd), all nodes (the same), and how busy the machine's cores were. When
+  clients and nodes share one small machine, aggregate speed cannot grow past cores / (CPU per token).
 
 Figures only, never assertions. Usage:
 python benchmarks/concurrency.py [--model tiny-llama|smollm2|DIR] [--hops 2] [--clients 1,4,8,16] [--json]
@@ -19,12 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from common import resolve_model, run_script
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -42,8 +47,34 @@ def prompt_ids(path: Path, length: int, seed: int) -> list[int]:
     return torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and every process under it (DHT helper, p2pd)."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # ended meanwhile
+            continue
+        total += times.user + times.system
+    return total
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, over every core."""
+    times = psutil.cpu_times()
+    busy = times.user + times.system + getattr(times, "nice", 0.0) + getattr(times, "irq", 0.0)
+    busy += getattr(times, "softirq", 0.0)
+    return busy, busy + times.idle + getattr(times, "iowait", 0.0)
+
+
 def client_process(path: str, peers: list[str], prompt: list[int], new: int, ready: Any, go: Any, out: Any) -> None:
-    """One user: load the model, warm up, wait for the start, generate, report (start, end, step seconds)."""
+    """One user: load the model, warm up, wait for the start, generate, report (start, end, step seconds, CPU
+    seconds its process tree used while generating)."""
     torch.set_num_threads(1)
     from hivegen.client import RemoteModelForCausalLM
 
@@ -51,13 +82,16 @@ def client_process(path: str, peers: list[str], prompt: list[int], new: int, rea
         model.generate(torch.tensor([prompt]), max_new_tokens=2, eos_token_id=[])
         ready.release()
         go.wait()
+        cpu = tree_cpu_seconds(os.getpid())
         began = time.perf_counter()
         model.generate(torch.tensor([prompt]), max_new_tokens=new, eos_token_id=[])
         ended = time.perf_counter()
-        out.put((began, ended, [t.seconds for t in model.last_timings[1:]]))
+        cpu = tree_cpu_seconds(os.getpid()) - cpu
+        out.put((began, ended, [t.seconds for t in model.last_timings[1:]], cpu))
 
 
-def swarm_run(path: Path, peers: list[str], clients: int, length: int, new: int) -> dict[str, float]:
+def swarm_run(path: Path, peers: list[str], clients: int, length: int, new: int, nodes: list[int]) -> dict[str, float]:
+    """`clients` processes generating at once; `nodes` are the node processes' pids (for their CPU)."""
     ctx = mp.get_context("spawn")
     ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     workers = [ctx.Process(target=client_process, args=(str(path), peers, prompt_ids(path, length, seed), new,
@@ -68,8 +102,13 @@ def swarm_run(path: Path, peers: list[str], clients: int, length: int, new: int)
         for _ in workers:
             if not ready.acquire(timeout=600):
                 raise RuntimeError("a client process did not get ready in 10 minutes")
+        nodes_cpu = sum(tree_cpu_seconds(pid) for pid in nodes)
+        machine = machine_busy_seconds()
         go.set()
         results = [out.get(timeout=600) for _ in workers]
+        nodes_cpu = sum(tree_cpu_seconds(pid) for pid in nodes) - nodes_cpu
+        now = machine_busy_seconds()
+        busy, total = now[0] - machine[0], now[1] - machine[1]
     finally:
         for w in workers:
             w.join(30)
@@ -77,8 +116,11 @@ def swarm_run(path: Path, peers: list[str], clients: int, length: int, new: int)
                 w.kill()
     wall = max(r[1] for r in results) - min(r[0] for r in results)
     steps = [s for r in results for s in r[2]]
-    return {"tok_s": clients * new / wall, "step_p50_ms": 1e3 * statistics.median(steps),
-            "step_p90_ms": 1e3 * percentile(steps, 0.9)}  # fmt: skip
+    tokens = clients * new
+    return {"tok_s": tokens / wall, "step_p50_ms": 1e3 * statistics.median(steps),
+            "step_p90_ms": 1e3 * percentile(steps, 0.9), "cpu_ms_per_token": 1e3 * busy / tokens,
+            "client_cpu_ms_per_token": 1e3 * sum(r[3] for r in results) / tokens,
+            "node_cpu_ms_per_token": 1e3 * nodes_cpu / tokens, "busy": busy / total}  # fmt: skip
 
 
 def local_run(path: Path, clients: int, length: int, new: int) -> float:
@@ -110,9 +152,10 @@ def main() -> int:
     path = resolve_model(args.model, tmp)
     results: dict[str, Any] = {"model": path.name, "hops": args.hops, "new_tokens": args.new_tokens, "rows": {}}
     with LocalCluster(path, nodes=args.hops, node_threads=1, work_dir=tmp / "cluster") as cluster:
+        pids = [node.process.pid for node in cluster.nodes]
         for count in counts:
             results["rows"][count] = swarm_run(path, cluster.initial_peers, count, args.prompt_length,
-                                               args.new_tokens)  # fmt: skip
+                                               args.new_tokens, pids)  # fmt: skip
     for count in counts:
         results["rows"][count]["local_tok_s"] = local_run(path, count, args.prompt_length, args.new_tokens)
     if args.json:
@@ -121,12 +164,14 @@ def main() -> int:
     one = results["rows"][1]
     print(f"{results['model']}: {args.hops} nodes, {args.new_tokens} new tokens per client, 1 torch thread each")
     print(f"{'clients':>8}{'tok/s':>9}{'x one':>7}{'step p50':>10}{'p90 ms':>8}{'x one':>7}{'local tok/s':>13}"
-          f"{'x one':>7}")  # fmt: skip
+          f"{'x one':>7}  |  CPU ms/token: {'machine':>8}{'clients':>9}{'nodes':>7}{'busy':>6}")  # fmt: skip
     for count in counts:
         r = results["rows"][count]
         print(f"{count:>8}{r['tok_s']:9.1f}{r['tok_s'] / one['tok_s']:7.2f}{r['step_p50_ms']:10.1f}"
               f"{r['step_p90_ms']:8.1f}{r['step_p50_ms'] / one['step_p50_ms']:7.2f}{r['local_tok_s']:13.1f}"
-              f"{r['local_tok_s'] / one['local_tok_s']:7.2f}")  # fmt: skip
+              f"{r['local_tok_s'] / one['local_tok_s']:7.2f}  |  {'':14}{r['cpu_ms_per_token']:8.2f}"
+              f"{r['client_cpu_ms_per_token']:9.2f}{r['node_cpu_ms_per_token']:7.2f}"
+              f"{100 * r['busy']:5.0f}%")  # fmt: skip
     return 0
 
 
