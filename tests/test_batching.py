@@ -235,3 +235,59 @@ def test_a_node_refuses_a_session_its_pool_cannot_hold_before_any_work(
                 assert small.send(step_request(sid, 0, info(stub).hidden_size, new=4)).HasField("result")
             wait_for(lambda: info(stub).cache_tokens_free == 2 * PAGE_SIZE, 30, "the small session's pages")
         wait_for(lambda: info(stub).cache_tokens_free == total, 30, "every page back")
+
+
+def test_concurrent_opens_beyond_the_budget_never_overfill_the_pool(cluster: LocalCluster) -> None:
+    """12 clients race to open 64-token sessions on a node whose pool holds 512 tokens: exactly 8 get in (each
+    runs a step), the other 4 are refused before any work, and the memory in use, polled over the wire while
+    they race, never passes the budget; every page comes back once they leave."""
+    node = cluster.nodes[0]
+    with grpc.insecure_channel(node.address, options=grpc_options()) as channel:
+        stub = node_pb2_grpc.NodeStub(channel)
+        wait_for(lambda: info(stub).cache_tokens_free == BUDGET_TOKENS, 30, "a free pool")
+        hidden_size, racers, size = info(stub).hidden_size, 12, 4 * PAGE_SIZE
+        admitted: list[int] = []
+        refusals: list[str] = []
+        used: list[int] = []
+        everyone_tried = threading.Barrier(racers + 1)
+        leave = threading.Event()
+
+        def racer(i: int) -> None:
+            sid = new_id()
+            with Stream(stub) as stream:
+                try:
+                    stream.send(open_request(cluster.model_key, sid, max_length=size, end=3))
+                    assert stream.send(step_request(sid, 0, hidden_size, new=8)).HasField("result")
+                    admitted.append(i)
+                except grpc.RpcError as exc:
+                    refusals.append(f"{exc.code().name}: {exc.details()}")
+                everyone_tried.wait(timeout=120)
+                leave.wait(timeout=120)
+
+        def poll() -> None:
+            while not leave.is_set():
+                now = info(stub)
+                used.append(now.cache_tokens_total - now.cache_tokens_free)
+                leave.wait(0.01)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            threads = [threading.Thread(target=racer, args=(i,), daemon=True) for i in range(racers)]
+            for thread in threads:
+                thread.start()
+            everyone_tried.wait(timeout=120)
+            during = info(stub)
+            used.append(during.cache_tokens_total - during.cache_tokens_free)
+        finally:
+            leave.set()
+            poller.join(30)
+        for thread in threads:
+            thread.join(60)
+        assert len(admitted) == BUDGET_TOKENS // size == 8, refusals
+        assert len(refusals) == racers - 8
+        full = "RESOURCE_EXHAUSTED: node is full: the session needs 64 cache tokens"
+        assert all(refusal.startswith(full) for refusal in refusals), refusals
+        assert (during.cache_tokens_free, during.active_sessions) == (0, 8)
+        assert len(used) > 1 and all(0 <= u <= BUDGET_TOKENS for u in used), used
+        wait_for(lambda: info(stub).cache_tokens_free == BUDGET_TOKENS, 30, "every page back")
