@@ -36,6 +36,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from hivegen.cluster import LocalCluster
 
+SETTLE_SECONDS = 3.0
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -102,6 +104,7 @@ def swarm_run(path: Path, peers: list[str], clients: int, length: int, new: int,
         for _ in workers:
             if not ready.acquire(timeout=600):
                 raise RuntimeError("a client process did not get ready in 10 minutes")
+        time.sleep(SETTLE_SECONDS)  # a client's p2pd is busy for its first seconds: a one-time cost, not per token
         nodes_cpu = sum(tree_cpu_seconds(pid) for pid in nodes)
         machine = machine_busy_seconds()
         go.set()
