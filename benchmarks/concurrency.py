@@ -26,7 +26,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import psutil
@@ -81,7 +83,8 @@ def client_process(path: str, peers: list[str], prompt: list[int], new: int, rea
     from hivegen.client import RemoteModelForCausalLM
 
     with RemoteModelForCausalLM.from_pretrained(path, peers, verify="off") as model:
-        model.generate(torch.tensor([prompt]), max_new_tokens=2, eos_token_id=[])
+        # the warm-up runs while the other clients still start up on the same cores: give the nodes time
+        model.generate(torch.tensor([prompt]), max_new_tokens=2, eos_token_id=[], timeout=120)
         ready.release()
         go.wait()
         cpu = tree_cpu_seconds(os.getpid())
@@ -90,6 +93,25 @@ def client_process(path: str, peers: list[str], prompt: list[int], new: int, rea
         ended = time.perf_counter()
         cpu = tree_cpu_seconds(os.getpid()) - cpu
         out.put((began, ended, [t.seconds for t in model.last_timings[1:]], cpu))
+
+
+def _get(queue: Any) -> Any:
+    try:
+        return queue.get(timeout=1)
+    except Empty:
+        return None
+
+
+def _wait(attempt: Callable[[], Any], workers: list[Any], what: str) -> Any:
+    """Repeat `attempt` (which waits up to a second) until it gives something; fail at once if a client died."""
+    deadline = time.monotonic() + 600
+    while not (got := attempt()):
+        failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+        if failed:
+            raise RuntimeError(f"a client process failed (exit code {failed[0]}) before it could {what}; see above")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"a client process did not {what} in 10 minutes")
+    return got
 
 
 def swarm_run(path: Path, peers: list[str], clients: int, length: int, new: int, nodes: list[int]) -> dict[str, float]:
@@ -102,13 +124,12 @@ def swarm_run(path: Path, peers: list[str], clients: int, length: int, new: int,
         w.start()
     try:
         for _ in workers:
-            if not ready.acquire(timeout=600):
-                raise RuntimeError("a client process did not get ready in 10 minutes")
+            _wait(lambda: ready.acquire(timeout=1), workers, "get ready")
         time.sleep(SETTLE_SECONDS)  # a client's p2pd is busy for its first seconds: a one-time cost, not per token
         nodes_cpu = sum(tree_cpu_seconds(pid) for pid in nodes)
         machine = machine_busy_seconds()
         go.set()
-        results = [out.get(timeout=600) for _ in workers]
+        results = [_wait(lambda: _get(out), workers, "generate") for _ in workers]
         nodes_cpu = sum(tree_cpu_seconds(pid) for pid in nodes) - nodes_cpu
         now = machine_busy_seconds()
         busy, total = now[0] - machine[0], now[1] - machine[1]
