@@ -70,7 +70,6 @@ class InferenceSession:
         self.max_failovers = max_failovers
         self.failover_seconds = failover_seconds
         self.attest = attest
-        self.failed_nodes: set[str] = set()
         self.failed_spans: dict[str, tuple[int, int] | None] = {}  # node id -> the span it failed serving, if known
         self.failures: list[RemoteError] = []  # why each failed node was dropped
         self.refused_credits: InsufficientCredits | None = None  # the last node that would not serve us on credit
@@ -81,6 +80,11 @@ class InferenceSession:
         self._closed = False
         self._failover_deadline = time.monotonic() + failover_seconds
         self.spans = self._open_chain(0, swarm.num_blocks, wait=True)
+
+    @property
+    def failed_nodes(self) -> set[str]:
+        """The nodes that failed this session."""
+        return set(self.failed_spans)
 
     @property
     def route(self) -> list[Hop]:
@@ -183,7 +187,6 @@ class InferenceSession:
                 for span in opened:
                     span.close()
                 self.refused_credits = exc
-                self.failed_nodes.add(route[len(opened)].node_id)
                 self.failed_spans[route[len(opened)].node_id] = None
                 continue
             except RemoteError as exc:
@@ -205,7 +208,6 @@ class InferenceSession:
         """Count a failure against the node that produced it (routes avoid it for a while, here and after); a
         signed, self-evidently wrong answer also goes to `on_fault`."""
         hop = culprit.hop if isinstance(culprit, SpanSession) else culprit
-        self.failed_nodes.add(hop.node_id)
         record = self.swarm.spans().get(hop.node_id)
         self.failed_spans[hop.node_id] = (record.start, record.end) if record is not None else None
         self.failures.append(error)
@@ -216,7 +218,7 @@ class InferenceSession:
     def _may_retry(self) -> bool:
         if time.monotonic() > self._failover_deadline:
             return False
-        return self.max_failovers is None or len(self.failed_nodes) <= self.max_failovers
+        return self.max_failovers is None or len(self.failed_spans) <= self.max_failovers
 
     def _replace(self, index: int, error: RemoteError) -> None:
         """Drop the failed hop, route its blocks anew and replay its inputs so the new caches match."""

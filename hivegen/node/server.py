@@ -323,8 +323,7 @@ class NodeServer:
         cfg = self.config
         if cfg.cache_memory is not None or cfg.cache_tokens is not None or span.device.type != "cuda":
             return cfg.cache_memory
-        free, _ = torch.cuda.mem_get_info(span.device)
-        return int(free * CUDA_CACHE_SHARE)
+        return int(free_memory(span.device) * CUDA_CACHE_SHARE)
 
     def _billing(self, span: BlockSpan) -> Billing:
         cfg = self.config
@@ -388,7 +387,7 @@ def measure_throughput(
     return 1.0 / max(fastest, 1e-6)
 
 
-def free_memory(device: str) -> int:
+def free_memory(device: str | torch.device) -> int:
     """Bytes free on `device`: the GPU's free memory, or the machine's available RAM on CPU."""
     if str(device).startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))

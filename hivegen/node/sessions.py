@@ -249,8 +249,8 @@ class SessionManager:
         full_mask = torch.cat([session.mask, mask.to(torch.int64)], dim=1)
         if session.slots is None and session.cache is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {session.session_id} is closed")
-        work = Work(session.start, session.end, hidden, positions, full_mask, session.slots, session.cache)
-        work.abandoned = session.abandoned
+        work = Work(session.start, session.end, hidden, positions, full_mask, session.slots, session.cache,
+                    abandoned=session.abandoned)  # fmt: skip
         out, seconds = self.scheduler.run(work)
         session.mask = full_mask
         session.next_step += 1
