@@ -44,6 +44,22 @@ def test_chat_refuses_bad_sampling_flags_the_same_way(tmp_path: Path) -> None:
     assert (done.returncode, done.stderr.strip()) == (2, "hivegen: error: --top-p: must be a number in (0, 1], not 0.0")
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--throughput", "0"], "argument --throughput: must be a finite number > 0, got 0"),
+        (["--throughput", "inf"], "argument --throughput: must be a finite number > 0, got inf"),
+        (["--throughput", "nan"], "argument --throughput: must be a finite number > 0, got nan"),
+        (["--throughput", "fast"], "argument --throughput: 'fast' is not a number"),
+        (["--cache-tokens", "-5"], "argument --cache-tokens: must be a finite number > 0, got -5"),
+    ],
+)
+def test_node_serve_refuses_bad_numbers_in_one_line(flags: list[str], says: str, tmp_path: Path) -> None:
+    done = run("node", "serve", "--model", str(tmp_path / "no-model"), "--blocks", "0:1", *flags)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"hivegen node serve: error: {says}"
+
+
 def test_a_balance_for_a_key_file_that_does_not_exist_is_an_error_not_zero(tmp_path: Path) -> None:
     missing = tmp_path / "nonsense"
     done = run("credits", "balance", "--identity", str(missing), "--coordinator", "127.0.0.1:9")

@@ -21,6 +21,9 @@ from hivegen.proto import node_pb2, node_pb2_grpc
 from tests.conftest import ClusterFactory, TinyFactory
 
 SPANS = [(0, 6), (0, 3), (3, 6)]
+# Every node advertises the same speed: timed at start beside the others starting, one could claim to be several
+# times slower than it is, and which chain is cheapest would depend on that draw, not on the hops.
+THROUGHPUT = "200"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def model_path(tiny_model: TinyFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(model_path: Path, start_cluster: ClusterFactory) -> LocalCluster:
-    return start_cluster(model_path, spans=SPANS)
+    return start_cluster(model_path, spans=SPANS, node_args=["--throughput", THROUGHPUT])
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +53,12 @@ def greedy_reference(reference: AutoModelForCausalLM, input_ids: torch.Tensor, n
 
 
 def test_overlapping_spans_route_through_the_single_full_node(cluster: LocalCluster, model_path: Path) -> None:
+    """Equal claims: one hop beats two (RoutingCosts.hop_seconds outweighs the random spread of compute times)."""
     with RemoteModelForCausalLM.from_pretrained(model_path, cluster.initial_peers) as model:
         model.generate(prompt(0), max_new_tokens=2, do_sample=False)
         route = model.last_route
+        claims = {span.throughput for span in model.swarm.spans().values()}
+    assert claims == {float(THROUGHPUT)}  # --throughput is what the records advertise
     assert [(h.node_id, h.start, h.end) for h in route] == [(cluster.nodes[0].node_id, 0, 6)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,8 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         return value
 
     return parse
@@ -83,7 +84,8 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
     node = NodeServer(
         NodeConfig(
             model=resolve_model_path(args.model), start=start, end=end, num_blocks=args.num_blocks,
-            memory=args.memory, rebalance_interval=args.rebalance_interval, drain_seconds=args.drain_seconds,
+            memory=args.memory, throughput=args.throughput, rebalance_interval=args.rebalance_interval,
+            drain_seconds=args.drain_seconds,
             announce_ttl=args.announce_ttl, initial_peers=args.initial_peers or [],
             attn_implementation=args.attn_implementation,
             host=args.host, port=args.port, dht_port=args.dht_port, device=args.device, dtype=args.dtype,
@@ -192,6 +194,11 @@ def add_commands(commands: Any) -> None:
         help="attention kernel of the blocks: sdpa, eager, flex_attention, flash_attention_2, ... "
         "(default: what transformers picks for the model class, sdpa where it supports it)",
     )
+    serve.add_argument(
+        "--throughput", type=_positive(float), metavar="STEPS_PER_S",
+        help="decode steps per second over the whole span to advertise, instead of timing a few steps at start "
+        "(which other processes starting on the same machine can slow); clients still time the node themselves",
+    )  # fmt: skip
     serve.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     serve.add_argument("--ready-file", help="write JSON here once serving and announced")
     serve.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics (steps, tokens, "

@@ -54,6 +54,7 @@ class NodeConfig:
     end: int | None = None  # one past the last block served
     num_blocks: int | None = None  # placed automatically: how many blocks (default: as many as `memory` holds)
     memory: int | None = None  # placed automatically: bytes the blocks' weights may take (default: see WEIGHTS_SHARE)
+    throughput: float | None = None  # steps/s of the span to advertise; None: timed at start (measure_throughput)
     rebalance_interval: float = 60.0  # placed automatically: seconds between checks for a better span (0: never)
     drain_seconds: float = 30.0  # moving: how long sessions may finish before the rest are closed (they fail over)
     initial_peers: list[str] = field(default_factory=list)  # DHT multiaddrs to join; empty starts a new swarm
@@ -169,7 +170,7 @@ class NodeServer:
         span = BlockSpan(checkpoint, self.start_block, self.end_block, self.dtype, cfg.device, cfg.attn_implementation)
         if cfg.coordinator:
             self.billing = self._billing(span)
-        self.throughput = measure_throughput(span)
+        self.throughput = cfg.throughput if cfg.throughput is not None else measure_throughput(span)
         self.sessions = SessionManager(
             span, self.model_key, self._cache_tokens(span), self.billing, cache_bytes=self._cache_bytes(span),
             max_batch_rows=cfg.max_batch_rows, prefill_chunk=cfg.prefill_chunk,
