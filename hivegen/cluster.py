@@ -22,7 +22,7 @@ from hivegen.dht import fetch_spans, missing_blocks, start_dht, visible_maddrs
 from hivegen.errors import HivegenError
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.peers import child_env
-from hivegen.prefork import ForkedProcess, spawn_node_process
+from hivegen.prefork import ForkedProcess, spawn_node_process, warm_up
 
 logger = logging.getLogger(__name__)
 NodeProcess = subprocess.Popen[bytes] | ForkedProcess
@@ -156,6 +156,7 @@ class LocalCluster:
         """Start every process and return once every block is announced; on failure stop them all."""
         self.started_at = time.monotonic()
         try:
+            warm_up()  # the node helper's imports run while the DHT starts
             if self.with_coordinator:
                 self.coordinator = Coordinator(self._coordinator_config())
                 self.coordinator.start()

@@ -3,9 +3,11 @@ once, then forks a ready `hivegen node serve` for each node the cluster starts.
 
 `python -m hivegen.prefork` is that process. It reads one JSON request per line on stdin (`argv`, `env`, `cwd`,
 `log`), forks, and answers `{"pid": N}`; when a child ends it writes `{"exited": N, "code": C}` (C < 0: killed by
-signal -C, as `subprocess` says it). It stays single-threaded in Python and runs no torch operation, so a fork
-copies nothing half-done. It exits when stdin closes or its parent dies; its children then get SIGTERM (each ties
-itself to its parent, as a node started by `cluster up` does) and withdraw from the DHT.
+signal -C, as `subprocess` says it). Each child gets the request's environment, but what modules read at import
+(torch, transformers, hivemind) came from the prefork process's own, at its start. It stays single-threaded in
+Python and runs no torch operation, so a fork copies nothing half-done. It exits when stdin closes or its parent
+dies; its children then get SIGTERM (each ties itself to its parent, as a node started by `cluster up` does) and
+withdraw from the DHT.
 
 `Preforker` is the parent's side, and `ForkedProcess` gives a forked node the part of `subprocess.Popen` that
 `LocalCluster` uses (pid, poll, wait, send_signal, kill, returncode).
@@ -198,10 +200,23 @@ class Preforker:
             self._cond.notify_all()
 
 
+def enabled() -> bool:
+    return os.environ.get(DISABLE_ENV) != "1" and sys.platform.startswith("linux")
+
+
+def warm_up() -> None:
+    """Start this process's prefork process now (if enabled), so its imports overlap other start-up work."""
+    if enabled():
+        try:
+            Preforker.shared()
+        except PreforkError as exc:
+            logger.warning("no prefork process: %s", exc)
+
+
 def spawn_node_process(argv: list[str], env: dict[str, str], log: str) -> ForkedProcess | None:
     """A node forked from this process's prefork process, or None when prefork is off or broken (the caller then
     starts a fresh process)."""
-    if os.environ.get(DISABLE_ENV) == "1" or not sys.platform.startswith("linux"):
+    if not enabled():
         return None
     try:
         return Preforker.shared().spawn(argv, env, log)
@@ -286,7 +301,9 @@ def _say(message: dict[str, Any]) -> None:
 def _run_child(request: dict[str, Any]) -> int:
     """(a forked child) Become `hivegen *argv`: its own output, environment and directory."""
     from hivegen.cluster import PARENT_PID_ENV
+    from hivegen.process import set_process_name
 
+    set_process_name(f"hivegen-{request['argv'][0]}")  # `ps` shows its command line as the prefork process's
     log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)

@@ -44,6 +44,14 @@ def set_parent_death_signal(sig: int) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, sig)
 
 
+def set_process_name(name: str) -> None:
+    """The name `ps -o comm`, `top` and psutil show for this process (Linux keeps its first 15 bytes)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15])  # PR_SET_NAME
+
+
 def tie_process_tree() -> None:
     """Make this long-lived process and what it forks end together, even if one is SIGKILLed.
 
