@@ -23,10 +23,10 @@ from hivegen.errors import HivegenError
 from hivegen.model.checkpoint import ModelCheckpoint
 from hivegen.peers import child_env
 from hivegen.prefork import ForkedProcess, spawn_node_process, warm_up
+from hivegen.process import PARENT_PID_ENV
 
 logger = logging.getLogger(__name__)
 NodeProcess = subprocess.Popen[bytes] | ForkedProcess
-PARENT_PID_ENV = "HIVEGEN_PARENT_PID"  # nodes started by a cluster exit when that process dies
 
 
 class ClusterError(HivegenError):

@@ -5,7 +5,8 @@ once, then forks a ready `hivegen node serve` for each node the cluster starts.
 `log`), forks, and answers `{"pid": N}`; when a child ends it writes `{"exited": N, "code": C}` (C < 0: killed by
 signal -C, as `subprocess` says it). Each child gets the request's environment, but what modules read at import
 (torch, transformers, hivemind) came from the prefork process's own, at its start. It stays single-threaded in
-Python and runs no torch operation, so a fork copies nothing half-done. It exits when stdin closes or its parent
+Python and runs no torch operation (the two idle native threads torch's and hivemind's imports start are not
+copied, and hold nothing a child needs). It exits when stdin closes or its parent
 dies; its children then get SIGTERM (each ties itself to its parent, as a node started by `cluster up` does) and
 withdraw from the DHT.
 
@@ -27,7 +28,11 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import IO, Any
+
+from hivegen.peers import child_env
+from hivegen.process import PARENT_PID_ENV, set_parent_death_signal, set_process_name
 
 logger = logging.getLogger(__name__)
 PRELOAD = ("hivegen.cli", "hivegen.node.cli", "hivegen.node.server")  # what every node imports
@@ -39,11 +44,22 @@ class PreforkError(RuntimeError):
     """The prefork process could not start or answer."""
 
 
-class ForkedProcess:
-    """A node forked by the prefork process, seen through the `subprocess.Popen` methods LocalCluster uses."""
+@dataclass
+class _Child:
+    """What the parent knows of one forked child, by the id of the request that asked for it."""
 
-    def __init__(self, owner: Preforker, pid: int) -> None:
+    pid: int = 0  # 0 until the prefork process said which
+    code: int | None = None  # its exit status once reaped (negative: killed by that signal)
+    abandoned: bool = False  # the spawn gave up waiting for it: killed as soon as its pid arrives
+
+
+class ForkedProcess:
+    """A node forked by the prefork process, seen through the `subprocess.Popen` methods LocalCluster uses.
+    Signals go through the prefork process, which alone knows whether the pid is still this child's."""
+
+    def __init__(self, owner: Preforker, request_id: int, pid: int) -> None:
         self.owner = owner
+        self.request_id = request_id
         self.pid = pid
         self.args = "hivegen node serve (forked)"
 
@@ -52,9 +68,9 @@ class ForkedProcess:
         return self.poll()
 
     def poll(self) -> int | None:
-        code = self.owner.exit_code(self.pid)
-        if code is None and not self.owner.running:  # the prefork process is gone: so are its children
-            return self.owner.exit_code(self.pid, default=-signal.SIGTERM)
+        code = self.owner.exit_code(self.request_id)
+        if code is None and not self.owner.running and not _alive(self.pid):
+            return -signal.SIGTERM  # the prefork process died first; its parent-death signal ended the child
         return code
 
     def wait(self, timeout: float | None = None) -> int:
@@ -66,7 +82,11 @@ class ForkedProcess:
         return code
 
     def send_signal(self, sig: int) -> None:
-        if self.poll() is None:  # not yet reaped, so the pid is still this node's
+        if self.poll() is not None:
+            return
+        if self.owner.running:
+            self.owner.signal(self.request_id, sig)
+        elif _alive(self.pid):  # orphaned: adopted by init, which reaps it
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
@@ -77,16 +97,27 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Preforker:
     """The parent's side of one `python -m hivegen.prefork` process: started on first use, shared by every
-    LocalCluster of this process, stopped at exit."""
+    LocalCluster of this process, stopped at exit. Requests and answers carry an id, so a late answer can never
+    be taken for another request's."""
 
     _shared: Preforker | None = None
     _shared_lock = threading.Lock()
 
     def __init__(self) -> None:
-        self._exits: dict[int, int] = {}
-        self._pids: list[int] = []
+        self._children: dict[int, _Child] = {}
+        self._next_id = 0
         self._ready = False
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
@@ -96,7 +127,8 @@ class Preforker:
         self._reader = threading.Thread(target=self._run, daemon=True, name="hivegen-prefork")
         self._reader.start()
         with self._cond:
-            self._cond.wait_for(lambda: bool(self._started))
+            if not self._cond.wait_for(lambda: bool(self._started), timeout=60):
+                raise PreforkError("the prefork process did not start within 60 s")
         started = self._started[0]
         if isinstance(started, BaseException):
             raise PreforkError(f"could not start the prefork process: {started}")
@@ -120,33 +152,43 @@ class Preforker:
 
     def spawn(self, argv: list[str], env: dict[str, str], log: str) -> ForkedProcess:
         """Fork `hivegen *argv` with `env`, its output appended to `log`."""
-        request = {"argv": argv, "env": env, "cwd": os.getcwd(), "log": log}
-        with self._send_lock:
-            self._wait_ready()
-            with self._cond:
-                known = len(self._pids)
-            try:
-                self._stdin.write(json.dumps(request).encode() + b"\n")
-                self._stdin.flush()
-            except OSError as exc:
-                raise PreforkError(f"the prefork process (pid {self.process.pid}) is gone: {exc}") from None
-            with self._cond:
-                if not self._cond.wait_for(lambda: len(self._pids) > known or not self.running, timeout=60):
-                    raise PreforkError("the prefork process did not fork a node within 60 s")
-                if len(self._pids) == known:
-                    raise PreforkError(f"the prefork process exited with code {self.process.poll()}")
-                return ForkedProcess(self, self._pids[known])
-
-    def exit_code(self, pid: int, default: int | None = None) -> int | None:
+        try:
+            cwd = os.getcwd()
+        except OSError as exc:
+            raise PreforkError(f"no working directory to give the node: {exc}") from None
+        self._wait_ready()
         with self._cond:
-            return self._exits.get(pid, default)
+            self._next_id += 1
+            request_id = self._next_id
+            child = self._children[request_id] = _Child()
+        self._send({"id": request_id, "argv": argv, "env": env, "cwd": cwd, "log": log})
+        with self._cond:
+            if not self._cond.wait_for(lambda: child.pid or not self.running, timeout=60):
+                child.abandoned = True  # if it forks after all, it is killed: a fallback must not meet a twin
+                raise PreforkError("the prefork process did not fork a node within 60 s")
+            if not child.pid:
+                raise PreforkError(f"the prefork process exited with code {self.process.poll()}")
+            return ForkedProcess(self, request_id, child.pid)
+
+    def signal(self, request_id: int, sig: int) -> None:
+        """Have the prefork process send `sig` to the child, unless it has already reaped it."""
+        with contextlib.suppress(PreforkError):
+            self._send({"signal": int(sig), "id": request_id})
+
+    def exit_code(self, request_id: int) -> int | None:
+        with self._cond:
+            child = self._children.get(request_id)
+            return None if child is None else child.code
 
     def wait_exit(self, timeout: float) -> None:
         with self._cond:
             self._cond.wait(timeout)
 
     def stop(self) -> None:
-        """Close stdin: the prefork process exits (children still running get SIGTERM from the kernel)."""
+        """Ask the prefork process to quit (children still running get SIGTERM from the kernel). A message, not
+        only EOF: processes forked from this one (hivemind's DHT) may hold a copy of the pipe open."""
+        with contextlib.suppress(PreforkError):
+            self._send({"quit": True})
         with contextlib.suppress(OSError):
             self._stdin.close()
         try:
@@ -154,6 +196,14 @@ class Preforker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        with self._send_lock:
+            try:
+                self._stdin.write(json.dumps(message).encode() + b"\n")
+                self._stdin.flush()
+            except (OSError, ValueError) as exc:
+                raise PreforkError(f"the prefork process (pid {self.process.pid}) is gone: {exc}") from None
 
     def _wait_ready(self) -> None:
         with self._cond:
@@ -163,9 +213,7 @@ class Preforker:
                 raise PreforkError(f"the prefork process exited with code {self.process.poll()} during its imports")
 
     def _run(self) -> None:
-        from hivegen.cluster import PARENT_PID_ENV
-        from hivegen.peers import child_env
-
+        process: subprocess.Popen[bytes] | None = None
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "hivegen.prefork"],
@@ -182,21 +230,27 @@ class Preforker:
             self._started.append(process)
             self._cond.notify_all()
         assert process.stdout is not None
-        for line in process.stdout:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
+        try:
+            for line in process.stdout:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    self._take(json.loads(line))
+        finally:
+            process.wait()
             with self._cond:
-                if message.get("ready"):
-                    self._ready = True
-                elif "pid" in message:
-                    self._pids.append(int(message["pid"]))
-                elif "exited" in message:
-                    self._exits[int(message["exited"])] = int(message["code"])
                 self._cond.notify_all()
-        process.wait()
+
+    def _take(self, message: dict[str, Any]) -> None:
+        """(reader thread) One answer of the prefork process."""
         with self._cond:
+            if message.get("ready"):
+                self._ready = True
+            elif (child := self._children.get(int(message["id"]))) is not None:
+                if "pid" in message:
+                    child.pid = int(message["pid"])
+                    if child.abandoned:
+                        self.signal(int(message["id"]), signal.SIGKILL)
+                elif "exited" in message:
+                    child.code = int(message["code"])
             self._cond.notify_all()
 
 
@@ -237,14 +291,12 @@ def stop_shared() -> None:
 
 
 def _serve() -> dict[str, Any] | None:
-    """Import, then fork on each request. Returns the request in a forked child; None when stdin closes."""
-    from hivegen.cluster import PARENT_PID_ENV
-    from hivegen.process import set_parent_death_signal
-
+    """Import, then fork on each request. Returns the request in a forked child; None on `quit` or EOF."""
     parent = os.environ.get(PARENT_PID_ENV)
     set_parent_death_signal(signal.SIGTERM)
     if parent and os.getppid() != int(parent):  # the parent died before the signal was armed
         return None
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the cluster stops the nodes
     for name in PRELOAD:
         importlib.import_module(name)
     wake_r, wake_w = os.pipe()
@@ -256,34 +308,45 @@ def _serve() -> dict[str, Any] | None:
     stdin = sys.stdin.buffer.fileno()
     selector.register(stdin, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
+    children: dict[int, int] = {}  # pid -> request id, until reaped
     buffered = b""
     while True:
         for key, _ in selector.select():
             if key.fd == wake_r:
                 os.read(wake_r, 512)
-                _reap()
                 continue
             chunk = os.read(stdin, 65536)
             if not chunk:
-                _reap()
+                _reap(children)
                 return None
             buffered += chunk
             while b"\n" in buffered:
                 line, buffered = buffered.split(b"\n", 1)
                 request = json.loads(line)
+                _reap(children)  # first: a pid signalled below must still be the child's
+                if request.get("quit"):
+                    return None
+                if "signal" in request:
+                    pid = next((p for p, i in children.items() if i == request["id"]), None)
+                    if pid is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, int(request["signal"]))
+                    continue
                 pid = os.fork()
                 if pid == 0:
                     selector.close()
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
                     os.close(wake_r)
                     os.close(wake_w)
                     return dict(request)
-                _say({"pid": pid})
-        _reap()
+                children[pid] = int(request["id"])
+                _say({"id": request["id"], "pid": pid})
+        _reap(children)
 
 
-def _reap() -> None:
+def _reap(children: dict[int, int]) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -291,7 +354,8 @@ def _reap() -> None:
             return
         if pid == 0:
             return
-        _say({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+        if (request_id := children.pop(pid, None)) is not None:
+            _say({"id": request_id, "exited": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
 def _say(message: dict[str, Any]) -> None:
@@ -300,9 +364,6 @@ def _say(message: dict[str, Any]) -> None:
 
 def _run_child(request: dict[str, Any]) -> int:
     """(a forked child) Become `hivegen *argv`: its own output, environment and directory."""
-    from hivegen.cluster import PARENT_PID_ENV
-    from hivegen.process import set_process_name
-
     set_process_name(f"hivegen-{request['argv'][0]}")  # `ps` shows its command line as the prefork process's
     log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)

@@ -8,6 +8,8 @@ import signal
 import sys
 import time
 
+PARENT_PID_ENV = "HIVEGEN_PARENT_PID"  # a node started by a cluster (or its prefork process) exits when that dies
+
 
 class StopSignals:
     """SIGINT and SIGTERM, caught from before a service starts until it is told to stop.
@@ -60,8 +62,6 @@ def tie_process_tree() -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    from hivegen.cluster import PARENT_PID_ENV
-
     parent = os.environ.get(PARENT_PID_ENV)
     if parent:
         set_parent_death_signal(signal.SIGTERM)  # a graceful stop: the node withdraws from the DHT

@@ -14,7 +14,7 @@ import torch
 
 from hivegen.client import RemoteModelForCausalLM
 from hivegen.cluster import ClusterError, LocalCluster
-from hivegen.prefork import DISABLE_ENV, ForkedProcess
+from hivegen.prefork import DISABLE_ENV, ForkedProcess, Preforker
 from tests.conftest import ClusterFactory, TinyFactory, greedy_reference
 
 PROMPT = [5, 17, 99, 3, 42]
@@ -57,3 +57,16 @@ def test_a_forked_node_that_fails_to_start_is_reported_with_its_code_and_log(mod
     assert "node for blocks 0:6 exited with code 2" in message
     assert "argument --cache-tokens: must be a finite number > 0, got -5" in message  # its log, not ours
     assert isinstance(cluster.nodes[0].process, ForkedProcess)
+
+
+def test_the_helper_survives_ctrl_c_and_reports_each_childs_own_exit(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group: the helper must outlive it (the cluster stops the nodes itself)."""
+    helper = Preforker.shared()
+    os.kill(helper.process.pid, signal.SIGINT)
+    log = tmp_path / "child.log"
+    ok = helper.spawn(["status", "--help"], dict(os.environ), str(log))
+    bad = helper.spawn(["status", "--no-such-flag"], dict(os.environ), str(log))
+    assert (ok.wait(60), bad.wait(60)) == (0, 2)
+    assert helper.running
+    text = log.read_text()
+    assert "usage: hivegen status" in text and "unrecognized arguments: --no-such-flag" in text
