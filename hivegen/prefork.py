@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from hivegen.peers import child_env
-from hivegen.process import PARENT_PID_ENV, set_parent_death_signal, set_process_name
+from hivegen.process import PARENT_PID_ENV, set_process_name, tie_process_tree
 
 logger = logging.getLogger(__name__)
 PRELOAD = ("hivegen.cli", "hivegen.node.cli", "hivegen.node.server")  # what every node imports
@@ -292,10 +292,7 @@ def stop_shared() -> None:
 
 def _serve() -> dict[str, Any] | None:
     """Import, then fork on each request. Returns the request in a forked child; None on `quit` or EOF."""
-    parent = os.environ.get(PARENT_PID_ENV)
-    set_parent_death_signal(signal.SIGTERM)
-    if parent and os.getppid() != int(parent):  # the parent died before the signal was armed
-        return None
+    tie_process_tree()  # dies with the cluster process, so its nodes get their SIGTERM
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the cluster stops the nodes
     for name in PRELOAD:
         importlib.import_module(name)
