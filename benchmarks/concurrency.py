@@ -14,7 +14,8 @@ prompt of --prompt-length tokens, all starting together. Per client count C:
   clients and nodes share one small machine, aggregate speed cannot grow past cores / (CPU per token).
 
 Figures only, never assertions. Usage:
-python benchmarks/concurrency.py [--model tiny-llama|smollm2|DIR] [--hops 2] [--clients 1,4,8,16] [--json]
+python benchmarks/concurrency.py [--model tiny-llama|smollm2|DIR] [--hops 2] [--clients 1,4,8,16] [--node-args ARGS]
+                                 [--json]
 """
 
 from __future__ import annotations
@@ -169,13 +170,15 @@ def main() -> int:
     parser.add_argument("--clients", default="1,4,8,16", help="client counts, comma-separated (1 is the base)")
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--node-args", default="", help="extra `node serve` flags, e.g. '--batch-wait auto'")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     counts = sorted({1, *(int(c) for c in args.clients.split(","))})
     tmp = Path(tempfile.mkdtemp(prefix="hivegen-bench-concurrency-"))
     path = resolve_model(args.model, tmp)
     results: dict[str, Any] = {"model": path.name, "hops": args.hops, "new_tokens": args.new_tokens, "rows": {}}
-    with LocalCluster(path, nodes=args.hops, node_threads=1, work_dir=tmp / "cluster") as cluster:
+    node_args = args.node_args.split()
+    with LocalCluster(path, nodes=args.hops, node_threads=1, node_args=node_args, work_dir=tmp / "cluster") as cluster:
         pids = [node.process.pid for node in cluster.nodes]
         for count in counts:
             results["rows"][count] = swarm_run(path, cluster.initial_peers, count, args.prompt_length,

@@ -7,7 +7,9 @@ the wire."""
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -138,6 +140,87 @@ def test_a_step_whose_client_left_is_dropped_before_it_runs(span: BlockSpan) -> 
     scheduler.stop()
 
 
+class Stepper:
+    """Sessions stepping one decode position at a time through one scheduler, each from a prefill of 4."""
+
+    def __init__(self, span: BlockSpan, scheduler: Scheduler, pool: KVPool, names: str) -> None:
+        self.span, self.scheduler = span, scheduler
+        generator = torch.Generator().manual_seed(3)
+        self.inputs = {n: torch.randn((1, 24, span.hidden_size), generator=generator) for n in names}
+        self.slots = {n: pool.reserve(1, 24) for n in names}
+        self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        for name in names:
+            self.step(name, 4)
+
+    def step(self, name: str, new: int = 1) -> None:
+        done = sum(out.shape[1] for out in self.outputs[name])
+        end = done + new
+        work = Work(self.span.start, self.span.end, self.inputs[name][:, done:end], torch.arange(done, end)[None],
+                    torch.ones((1, end)), self.slots[name], None, session=name)  # fmt: skip
+        self.outputs[name].append(self.scheduler.run(work)[0])
+
+    def check_exact(self) -> None:
+        for name, outs in self.outputs.items():
+            got = torch.cat(outs, dim=1)
+            assert drift(got, own_cache_run(self.span, self.inputs[name][:, : got.shape[1]], 4)) < RELATIVE, name
+
+
+def test_a_step_waits_for_a_session_that_is_due_so_both_share_one_forward(span: BlockSpan) -> None:
+    """Two clients step on their own clocks, every 0.4 s, "b" 0.1 s after "a": once the scheduler knows their pace,
+    "a" waits for "b"'s step (it is due within `batch_wait`) and the two share one forward; outputs stay each
+    session's own."""
+    pool = KVPool(layer_shapes(span), 256, span.dtype)
+    scheduler = Scheduler(span, pool, batching=True, batch_wait=5.0)
+    steps = Stepper(span, scheduler, pool, "ab")
+    start = time.monotonic() + 0.2
+    forwards: list[int] = []
+
+    def client(name: str) -> None:
+        for k in range(6):
+            time.sleep(max(0.0, start + 0.4 * k + (0.1 if name == "b" else 0.0) - time.monotonic()))
+            if name == "a":
+                forwards.append(scheduler.stats.forwards)
+            steps.step(name)
+
+    run_together(lambda i: client("ab"[i]), 2, timeout=60)
+    assert len(steps.outputs["a"]) == len(steps.outputs["b"]) == 7
+    per_round = [later - earlier for earlier, later in itertools.pairwise(forwards)]
+    assert per_round[-3:] == [1, 1, 1], per_round  # paces known: one forward a round, not two
+    assert scheduler.stats.waits >= 3 and scheduler.stats.wait_seconds > 0.25
+    scheduler.stop()
+    steps.check_exact()
+
+
+def test_no_step_waits_for_a_lone_session_a_quiet_one_or_a_closed_one(span: BlockSpan) -> None:
+    """Waiting is for sessions that are due: a lone session never waits, and a session that has gone quiet (no step
+    in twice its usual interval) or closed (forgotten) is not waited for."""
+    pool = KVPool(layer_shapes(span), 256, span.dtype)
+    scheduler = Scheduler(span, pool, batching=True, batch_wait=5.0)
+    steps = Stepper(span, scheduler, pool, "ab")
+    for _ in range(4):
+        steps.step("a")
+    assert scheduler.stats.waits == 0  # "b" has sent no decode step: no pace, nothing to wait for
+    scheduler.batch_wait = 0  # both learn a pace of a few milliseconds (one thread steps both: none may wait)
+    for _ in range(3):
+        steps.step("a")
+        steps.step("b")
+    scheduler.batch_wait = 5.0
+    scheduler.forget("b")  # closed
+    began = time.monotonic()
+    steps.step("a")
+    assert scheduler.stats.waits == 0 and time.monotonic() - began < 2.0
+    scheduler.batch_wait = 0
+    steps.step("b")  # "b" is back, in stride with "a" again
+    steps.step("b")
+    scheduler.batch_wait = 5.0
+    time.sleep(0.5)  # ...then quiet for far longer than its usual interval
+    began = time.monotonic()
+    steps.step("a")
+    assert scheduler.stats.waits == 0 and time.monotonic() - began < 2.0
+    scheduler.stop()
+    steps.check_exact()
+
+
 def test_the_pool_is_the_budget_and_refuses_what_does_not_fit(span: BlockSpan) -> None:
     shapes = layer_shapes(span)
     pool = KVPool(shapes, 100, span.dtype)  # rounded down to whole pages: 96 positions
@@ -170,7 +253,9 @@ def model_path(tiny_model: TinyFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(model_path: Path, start_cluster: ClusterFactory) -> LocalCluster:
-    return start_cluster(model_path, spans=[(0, 3), (3, 6)], node_args=["--cache-tokens", str(BUDGET_TOKENS)])
+    # --batch-wait auto: the concurrent clients below check that waiting for due steps keeps every token exact
+    args = ["--cache-tokens", str(BUDGET_TOKENS), "--batch-wait", "auto"]
+    return start_cluster(model_path, spans=[(0, 3), (3, 6)], node_args=args)
 
 
 @pytest.fixture(scope="module")

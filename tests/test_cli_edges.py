@@ -50,6 +50,8 @@ def test_chat_refuses_bad_sampling_flags_the_same_way(tmp_path: Path) -> None:
         (["--throughput", "0"], "argument --throughput: must be a finite number > 0, got 0"),
         (["--throughput", "inf"], "argument --throughput: must be a finite number > 0, got inf"),
         (["--throughput", "nan"], "argument --throughput: must be a finite number > 0, got nan"),
+        (["--batch-wait", "-1"], "argument --batch-wait: must be 'auto' or a finite number of seconds >= 0, got -1"),
+        (["--batch-wait", "soon"], "argument --batch-wait: 'soon' is neither 'auto' nor a number of seconds"),
         (["--throughput", "fast"], "argument --throughput: 'fast' is not a number"),
         (["--cache-tokens", "-5"], "argument --cache-tokens: must be a finite number > 0, got -5"),
     ],

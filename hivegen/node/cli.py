@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hivegen.model.demo import resolve_model_path
-from hivegen.node.defaults import DEFAULT_MAX_ROWS, DEFAULT_PREFILL_CHUNK
+from hivegen.node.defaults import DEFAULT_BATCH_WAIT, DEFAULT_MAX_ROWS, DEFAULT_PREFILL_CHUNK, MAX_BATCH_WAIT
 from hivegen.peers import add_coordinator_argument, add_peers_argument
 from hivegen.process import StopSignals, tie_process_tree
 
@@ -59,6 +59,19 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
+def _batch_wait(text: str) -> float | None:
+    """An argparse type: `auto` (None) or seconds >= 0."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a number of seconds") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a finite number of seconds >= 0, got {text}")
+    return value
+
+
 def _networks(text: str) -> tuple[str, ...]:
     """An argparse type: comma-separated CIDR networks ('' for none), each checked."""
     from hivegen.node.limits import parse_networks
@@ -90,7 +103,8 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
             attn_implementation=args.attn_implementation,
             host=args.host, port=args.port, dht_port=args.dht_port, device=args.device, dtype=args.dtype,
             cache_tokens=args.cache_tokens, cache_memory=args.cache_memory, max_batch_rows=args.max_batch_rows,
-            prefill_chunk=args.prefill_chunk, ready_file=Path(args.ready_file) if args.ready_file else None,
+            prefill_chunk=args.prefill_chunk, batch_wait=args.batch_wait,
+            ready_file=Path(args.ready_file) if args.ready_file else None,
             coordinator=args.coordinator, identity=Path(args.identity) if args.identity else None,
             data=Path(args.data) if args.data else None, unpaid_steps=args.unpaid_steps,
             unpaid_credits=args.unpaid_credits, submit_interval=args.submit_interval,
@@ -187,6 +201,13 @@ def add_commands(commands: Any) -> None:
         "--prefill-chunk", type=_positive(int), default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
         help="prompt positions per forward: longer prompts run in chunks between other sessions' steps "
         f"(default {DEFAULT_PREFILL_CHUNK})",
+    )  # fmt: skip
+    memory.add_argument(
+        "--batch-wait", type=_batch_wait, default=DEFAULT_BATCH_WAIT, metavar="SECONDS",
+        help="the most a decode step waits for the due steps of other sessions, so that they share its forward: "
+        "more rows per forward for a little latency, worth it where the device, not the CPU, is the limit; a lone "
+        f"session never waits ('auto': about one forward's time, at most {MAX_BATCH_WAIT:g} s; "
+        f"default {DEFAULT_BATCH_WAIT:g}: never wait)",
     )  # fmt: skip
     serve.add_argument(
         "--attn-implementation",

@@ -35,6 +35,8 @@ class _SessionCollector(Collector):
                 "Steps that shared their forward with another session's",
                 s.scheduler.stats.batched_steps,
             ),
+            ("batch_waits", "Forwards that waited for other sessions' due steps to batch them", batches.waits),
+            ("batch_wait_seconds", "Seconds forwards waited for other sessions' due steps", batches.wait_seconds),
         ):
             yield CounterMetricFamily(f"hivegen_node_{name}", doc, value=value)
         free = s.cache_tokens_free

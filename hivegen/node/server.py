@@ -27,7 +27,13 @@ from hivegen.model.span import BlockSpan
 from hivegen.model.support import require_servable
 from hivegen.node.aio_server import AioServer
 from hivegen.node.billing import Billing
-from hivegen.node.defaults import CUDA_CACHE_SHARE, DEFAULT_CACHE_TOKENS, DEFAULT_MAX_ROWS, DEFAULT_PREFILL_CHUNK
+from hivegen.node.defaults import (
+    CUDA_CACHE_SHARE,
+    DEFAULT_BATCH_WAIT,
+    DEFAULT_CACHE_TOKENS,
+    DEFAULT_MAX_ROWS,
+    DEFAULT_PREFILL_CHUNK,
+)
 from hivegen.node.limits import LOOPBACK, ClientQuotas, parse_networks
 from hivegen.node.metrics import NodeMetrics
 from hivegen.node.placement import Move, block_capacities, choose_span, should_move
@@ -68,6 +74,7 @@ class NodeConfig:
     cache_memory: int | None = None  # or in bytes; neither: DEFAULT_CACHE_TOKENS on CPU, CUDA_CACHE_SHARE on a GPU
     max_batch_rows: int = DEFAULT_MAX_ROWS  # the most sequences one forward runs (batched decode steps)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt positions per forward: longer prompts run in chunks
+    batch_wait: float | None = DEFAULT_BATCH_WAIT  # seconds a decode step may wait for others' due steps; None: auto
     announce_ttl: float = 30.0  # seconds a DHT record lives unless refreshed
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest gRPC message accepted or sent
     max_workers: int = 64  # threads validating and signing steps (they wait while the scheduler runs forwards)
@@ -173,7 +180,7 @@ class NodeServer:
         self.throughput = cfg.throughput if cfg.throughput is not None else measure_throughput(span)
         self.sessions = SessionManager(
             span, self.model_key, self._cache_tokens(span), self.billing, cache_bytes=self._cache_bytes(span),
-            max_batch_rows=cfg.max_batch_rows, prefill_chunk=cfg.prefill_chunk,
+            max_batch_rows=cfg.max_batch_rows, prefill_chunk=cfg.prefill_chunk, batch_wait=cfg.batch_wait,
         )  # fmt: skip
         client_tokens = cfg.max_cache_tokens_per_client
         if client_tokens is None:

@@ -25,7 +25,7 @@ from hivegen.model.paged import (
 from hivegen.model.span import BlockSpan
 from hivegen.node.batching import Scheduler, Work
 from hivegen.node.billing import Billing, PaidSession
-from hivegen.node.defaults import DEFAULT_MAX_ROWS, DEFAULT_PREFILL_CHUNK
+from hivegen.node.defaults import DEFAULT_BATCH_WAIT, DEFAULT_MAX_ROWS, DEFAULT_PREFILL_CHUNK
 from hivegen.node.errors import RequestError
 from hivegen.proto import node_pb2
 from hivegen.proto.tensors import DTYPE_NAMES, TensorDecodeError, deserialize
@@ -92,6 +92,7 @@ class SessionManager:
         pooled: bool = True,
         max_batch_rows: int = DEFAULT_MAX_ROWS,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        batch_wait: float | None = DEFAULT_BATCH_WAIT,
     ) -> None:
         self.span = span
         self.model_key = model_key
@@ -110,7 +111,7 @@ class SessionManager:
         self.cache_tokens_total = self.pool.tokens_total if self.pool is not None else cache_tokens
         if not self.support.batching:
             logger.warning("steps of different sessions run one at a time: %s", self.support.reason)
-        self.scheduler = Scheduler(span, self.pool, self.support.batching, max_batch_rows, prefill_chunk)
+        self.scheduler = Scheduler(span, self.pool, self.support.batching, max_batch_rows, prefill_chunk, batch_wait)
 
     @property
     def cache_bytes_total(self) -> int:
@@ -205,6 +206,7 @@ class SessionManager:
             closed = self._sessions.pop(session_id, None)
         if closed is None:
             return
+        self.scheduler.forget(session_id)
         if closed.slots is not None and self.pool is not None:
             self.pool.release(closed.slots)
             closed.slots = None
@@ -250,7 +252,7 @@ class SessionManager:
         if session.slots is None and session.cache is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {session.session_id} is closed")
         work = Work(session.start, session.end, hidden, positions, full_mask, session.slots, session.cache,
-                    abandoned=session.abandoned)  # fmt: skip
+                    abandoned=session.abandoned, session=session.session_id)  # fmt: skip
         out, seconds = self.scheduler.run(work)
         session.mask = full_mask
         session.next_step += 1
