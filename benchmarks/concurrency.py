@@ -170,7 +170,7 @@ def main() -> int:
     parser.add_argument("--clients", default="1,4,8,16", help="client counts, comma-separated (1 is the base)")
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--node-args", default="", help="extra `node serve` flags, e.g. '--batch-wait auto'")
+    parser.add_argument("--node-args", default="", help="extra `node serve` flags: --node-args='--batch-wait auto'")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     counts = sorted({1, *(int(c) for c in args.clients.split(","))})

@@ -165,37 +165,68 @@ class Stepper:
             assert drift(got, own_cache_run(self.span, self.inputs[name][:, : got.shape[1]], 4)) < RELATIVE, name
 
 
-def test_a_step_waits_for_a_session_that_is_due_so_both_share_one_forward(span: BlockSpan) -> None:
-    """Two clients step on their own clocks, every 0.4 s, "b" 0.1 s after "a": once the scheduler knows their pace,
-    "a" waits for "b"'s step (it is due within `batch_wait`) and the two share one forward; outputs stay each
-    session's own."""
-    pool = KVPool(layer_shapes(span), 256, span.dtype)
-    scheduler = Scheduler(span, pool, batching=True, batch_wait=5.0)
-    steps = Stepper(span, scheduler, pool, "ab")
-    start = time.monotonic() + 0.2
+def in_stride(steps: Stepper, names: str, rounds: int, start: float, leave: set[str] | None = None) -> list[int]:
+    """Each session steps from its own thread on its own clock, every 0.4 s, the i-th 0.1 s after the first; a
+    session in `leave` stops after half the rounds (its client is done but keeps its session open). Returns the
+    scheduler's forward count when the first session starts each round."""
     forwards: list[int] = []
 
-    def client(name: str) -> None:
-        for k in range(6):
-            time.sleep(max(0.0, start + 0.4 * k + (0.1 if name == "b" else 0.0) - time.monotonic()))
-            if name == "a":
-                forwards.append(scheduler.stats.forwards)
+    def client(i: int) -> None:
+        name = names[i]
+        for k in range(rounds // 2 if leave and name in leave else rounds):
+            time.sleep(max(0.0, start + 0.4 * k + 0.1 * i - time.monotonic()))
+            if i == 0:
+                forwards.append(steps.scheduler.stats.forwards)
             steps.step(name)
 
-    run_together(lambda i: client("ab"[i]), 2, timeout=60)
+    run_together(client, len(names), timeout=60)
+    return forwards
+
+
+def test_a_round_waits_for_a_session_that_is_due_so_both_share_one_forward(span: BlockSpan) -> None:
+    """Two clients step every 0.4 s, "b" 0.1 s after "a": once the scheduler knows their pace, "a"'s round waits
+    about 0.1 s for "b"'s step (due within the 0.3 s bound) and the two share one forward; outputs stay each
+    session's own."""
+    pool = KVPool(layer_shapes(span), 256, span.dtype)
+    scheduler = Scheduler(span, pool, batching=True, batch_wait=0.3)
+    steps = Stepper(span, scheduler, pool, "ab")
+    forwards = in_stride(steps, "ab", 6, time.monotonic() + 0.2)
     assert len(steps.outputs["a"]) == len(steps.outputs["b"]) == 7
     per_round = [later - earlier for earlier, later in itertools.pairwise(forwards)]
     assert per_round[-3:] == [1, 1, 1], per_round  # paces known: one forward a round, not two
-    assert scheduler.stats.waits >= 3 and scheduler.stats.wait_seconds > 0.25
+    assert scheduler.stats.waits >= 3
+    assert 0.03 < scheduler.stats.wait_seconds / scheduler.stats.waits < 0.3  # about the 0.1 s until "b" came
     scheduler.stop()
     steps.check_exact()
 
 
-def test_no_step_waits_for_a_lone_session_a_quiet_one_or_a_closed_one(span: BlockSpan) -> None:
-    """Waiting is for sessions that are due: a lone session never waits, and a session that has gone quiet (no step
-    in twice its usual interval) or closed (forgotten) is not waited for."""
+def test_a_session_that_does_not_come_is_waited_for_once_then_not_until_it_steps(span: BlockSpan) -> None:
+    """ "b" stops stepping but keeps its session (a finished client, a chat between turns, a hostile peer): one
+    round waits for it in vain, no longer than the bound, and the rounds right after it, while "b" would still
+    count as due, do not wait for it; once "b" steps again it counts as before."""
     pool = KVPool(layer_shapes(span), 256, span.dtype)
-    scheduler = Scheduler(span, pool, batching=True, batch_wait=5.0)
+    scheduler = Scheduler(span, pool, batching=True, batch_wait=0.3)
+    steps = Stepper(span, scheduler, pool, "ab")
+    in_stride(steps, "ab", 4, time.monotonic() + 0.2)
+    time.sleep(max(0.0, scheduler._paces["b"].expected - 0.1 - time.monotonic()))  # "b" is due in 0.1 s
+    waits, waited = scheduler.stats.waits, scheduler.stats.wait_seconds
+    began = time.monotonic()
+    for _ in range(4):  # back to back, all within "b"'s due window
+        steps.step("a")
+    assert scheduler.stats.waits == waits + 1  # the first round waited in vain; then "b" was missed
+    assert 0.2 < scheduler.stats.wait_seconds - waited < 0.6 and time.monotonic() - began < 1.5
+    assert scheduler._paces["b"].missed
+    steps.step("b")
+    assert not scheduler._paces["b"].missed
+    scheduler.stop()
+    steps.check_exact()
+
+
+def test_no_round_waits_for_a_lone_session_a_quiet_one_or_a_closed_one(span: BlockSpan) -> None:
+    """Waiting is for sessions that are due: a lone session never waits, and a session late by more than the
+    bound (gone quiet) or closed (forgotten) is not waited for; batch_wait 0, the default, never waits."""
+    pool = KVPool(layer_shapes(span), 256, span.dtype)
+    scheduler = Scheduler(span, pool, batching=True, batch_wait=0.2)
     steps = Stepper(span, scheduler, pool, "ab")
     for _ in range(4):
         steps.step("a")
@@ -204,21 +235,47 @@ def test_no_step_waits_for_a_lone_session_a_quiet_one_or_a_closed_one(span: Bloc
     for _ in range(3):
         steps.step("a")
         steps.step("b")
-    scheduler.batch_wait = 5.0
+    scheduler.batch_wait = 0.2
     scheduler.forget("b")  # closed
-    began = time.monotonic()
     steps.step("a")
-    assert scheduler.stats.waits == 0 and time.monotonic() - began < 2.0
+    assert scheduler.stats.waits == 0
     scheduler.batch_wait = 0
     steps.step("b")  # "b" is back, in stride with "a" again
     steps.step("b")
-    scheduler.batch_wait = 5.0
-    time.sleep(0.5)  # ...then quiet for far longer than its usual interval
-    began = time.monotonic()
+    scheduler.batch_wait = 0.2
+    time.sleep(0.5)  # ...then quiet, late by more than the bound
     steps.step("a")
-    assert scheduler.stats.waits == 0 and time.monotonic() - began < 2.0
+    assert scheduler.stats.waits == 0
     scheduler.stop()
     steps.check_exact()
+    assert Scheduler(span, pool, batching=True)._wait_bound() == 0.0  # the default
+
+
+def test_a_node_stopping_while_a_round_waits_fails_the_waiting_step_at_once(span: BlockSpan) -> None:
+    """A node stops while a round waits for a due step: the waiting step fails at once, not after the wait."""
+    pool = KVPool(layer_shapes(span), 256, span.dtype)
+    scheduler = Scheduler(span, pool, batching=True, batch_wait=1.0)
+    steps = Stepper(span, scheduler, pool, "ab")
+    in_stride(steps, "ab", 3, time.monotonic() + 0.1)
+    failure: list[BaseException] = []
+
+    def step_a() -> None:
+        try:
+            steps.step("a")
+        except RuntimeError as exc:
+            failure.append(exc)
+
+    # "b" is due in 0.15 s and will not come: the round waits until it is late by the bound, over a second
+    time.sleep(max(0.0, steps.scheduler._paces["b"].expected - 0.15 - time.monotonic()))
+    waiting = threading.Thread(target=step_a)
+    waiting.start()
+    time.sleep(0.05)
+    assert waiting.is_alive()  # the round waits for "b"
+    began = time.monotonic()
+    scheduler.stop()
+    waiting.join(timeout=5)
+    assert not waiting.is_alive() and time.monotonic() - began < 0.5
+    assert [str(exc) for exc in failure] == ["the node is stopping"]
 
 
 def test_the_pool_is_the_budget_and_refuses_what_does_not_fit(span: BlockSpan) -> None:

@@ -8,13 +8,14 @@ so a long prompt delays running decodes by one chunk at a time, never by the who
 between rounds.
 
 A round may wait before it starts (`batch_wait`, off by default). The scheduler learns each session's pace (the usual
-time between its decode steps); when other sessions over the same blocks are due to send their next step within
-`batch_wait` seconds (None: about one forward's time), the round waits for them, at most that long: their clients
-are still busy with the previous token, and a moment's wait lets their rows share the forward instead of each
-running one of their own. A lone session never waits, nor does anyone for a session that has gone quiet (no step
-in twice its usual interval) or closed. Measured on a 2-core CPU machine where the clients share the cores with the
-nodes, waiting raised the rows per forward (1.6 to 2.5 with 8 clients) but lowered the aggregate speed, as the
-cores idled while the nodes waited; hence off unless the node's owner turns it on.
+time between its decode steps); when other sessions over the same blocks are due to send their next step, the round
+waits for them, at most `batch_wait` seconds (None: about one forward's time): their clients are still busy with
+the previous token, and a moment's wait lets their rows share the forward instead of each running one of their
+own. Nobody waits for a lone session, one that just stepped, one late by more than the bound, one closed, or one a
+round already waited for in vain (until it steps again), so a session that keeps still cannot slow the others
+more than once. Measured on a 2-core CPU machine where the clients share the cores with the nodes, waiting raised
+the rows per forward (1.6 to 2.5 with 8 clients) but lowered the aggregate speed, as the cores idled while the
+nodes waited; hence off unless the node's owner turns it on.
 
 With a `KVPool` every session's keys and values live in the pool and any rows can share a forward
 (`hivegen.model.paged`). Without one (a model whose blocks keep another kind of cache), or when the model's
@@ -36,7 +37,13 @@ from transformers.cache_utils import Cache
 
 from hivegen.model.paged import KVPool, Row, view_for
 from hivegen.model.span import BlockSpan
-from hivegen.node.defaults import DEFAULT_BATCH_WAIT, DEFAULT_MAX_ROWS, DEFAULT_PREFILL_CHUNK, MAX_BATCH_WAIT
+from hivegen.node.defaults import (
+    DEFAULT_BATCH_WAIT,
+    DEFAULT_MAX_ROWS,
+    DEFAULT_PREFILL_CHUNK,
+    MAX_BATCH_WAIT,
+    MAX_BATCH_WAIT_SET,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +89,14 @@ class _Pace:
     """When a session's last decode step arrived, and the usual time between its steps (smoothed)."""
 
     blocks: tuple[int, int]  # [start, end) of its steps
-    last: float
+    last: float  # when its last step arrived
     interval: float = 0.0  # 0 until its second decode step
+    missed: bool = False  # a round waited for its step in vain: not waited for again until it steps
+
+    @property
+    def expected(self) -> float:
+        """When its next step is due."""
+        return self.last + self.interval
 
 
 @dataclass
@@ -126,10 +139,13 @@ class Scheduler:
         self.on_forward: Callable[[int, float], None] | None = None  # (rows, seconds) of each forward
         self._waiting: deque[Work] = deque()
         self._prefills: deque[Work] = deque()  # prompts part-way through (touched only by the running round)
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # a round ended, or the node stops: step threads look again
+        self._arrivals = threading.Condition(self._lock)  # a step arrived or a session closed: the gatherer looks
         self._running = False
+        self._gathering = False
         self._stopped = False
-        self._paces: dict[str, _Pace] = {}  # sessions that sent decode steps, by id (guarded by _cond)
+        self._paces: dict[str, _Pace] = {}  # sessions' paces, by id (guarded by the lock)
         self._forward_seconds = 0.0  # smoothed time of a decode forward
 
     def run(self, work: Work) -> tuple[torch.Tensor, float]:
@@ -140,19 +156,21 @@ class Scheduler:
                 raise RuntimeError("the node is stopping")
             self._waiting.append(work)
             self._note_pace(work)
-            if self._running:
-                self._cond.notify_all()  # a round gathering steps may be waiting for this one
+            if self._gathering:
+                self._arrivals.notify()  # the round waiting for due steps may be waiting for this one
             while not work.future.done():
                 if self._running:
                     self._cond.wait()
                     continue
                 self._running = True
-                self._gather()
-                self._cond.release()
                 try:
-                    self._round()
+                    self._gather()
+                    self._cond.release()
+                    try:
+                        self._round()
+                    finally:
+                        self._cond.acquire()
                 finally:
-                    self._cond.acquire()
                     self._running = False
                     self._cond.notify_all()
         return work.future.result()
@@ -161,56 +179,78 @@ class Scheduler:
         """The session ended: no round waits for it any more."""
         with self._cond:
             self._paces.pop(session, None)
+            if self._gathering:
+                self._arrivals.notify()
 
     def _note_pace(self, work: Work) -> None:
-        """(under _cond) Learn the pace of the session's decode steps."""
-        if not work.session or work.new != 1:
+        """(under the lock) Learn the pace of the session's decode steps; any step of it ends a miss."""
+        if not work.session:
             return
         now = time.monotonic()
         pace = self._paces.get(work.session)
         if pace is None:
             self._paces[work.session] = _Pace((work.start, work.end), now)
             return
-        gap = now - pace.last
-        pace.interval = gap if pace.interval == 0 else 0.7 * pace.interval + 0.3 * gap
-        pace.last = now
+        if work.new == 1 and not pace.missed:
+            gap = now - pace.last
+            pace.interval = gap if pace.interval == 0 else 0.7 * pace.interval + 0.3 * gap
+        pace.blocks, pace.last, pace.missed = (work.start, work.end), now, False
 
     def _wait_bound(self) -> float:
         if not self.batching:
             return 0.0
         if self.batch_wait is not None:
-            return self.batch_wait
+            return min(self.batch_wait, MAX_BATCH_WAIT_SET)
         return min(self._forward_seconds, MAX_BATCH_WAIT)
 
     def _gather(self) -> None:
-        """(under _cond, as the round's runner) Wait, within the bound, for the decode steps that sessions over the
-        blocks of a waiting decode step are due to send."""
+        """(under the lock, as the round's runner) Wait, within the bound, for the decode steps that other sessions
+        over the blocks of a waiting decode step are due to send. A session waited for in vain is marked missed
+        and not waited for again until it steps."""
         bound = self._wait_bound()
         if bound <= 0 or not self._waiting:
             return
         began = time.monotonic()
         deadline = began + bound
-        while (now := time.monotonic()) < deadline and (due := self._due_until(now, deadline)) is not None:
-            self._cond.wait(min(deadline, due) - now)
-        waited = time.monotonic() - began
-        if waited > 0.0001:
-            self.stats.waits += 1
-            self.stats.wait_seconds += waited
+        waited = False
+        self._gathering = True
+        try:
+            while (now := time.monotonic()) < deadline and (due := self._due(now, deadline)):
+                waited = True
+                self._arrivals.wait(min(deadline, max(self._paces[s].expected + bound for s in due)) - now)
+        finally:
+            self._gathering = False
+        if not waited:
+            return
+        now = time.monotonic()
+        for session in self._due(now, now):  # still due and not here: it did not come in time
+            self._paces[session].missed = True
+        self.stats.waits += 1
+        self.stats.wait_seconds += now - began
 
-    def _due_until(self, now: float, deadline: float) -> float | None:
-        """Until when to wait for the sessions sharing blocks with a waiting decode step that are due: their next
-        step (one usual interval after their last) comes before `deadline`, and they are not overdue (twice their
-        interval without a step: gone quiet). None if there is none."""
-        here = {w.session for w in self._waiting}
-        blocks = {(w.start, w.end) for w in self._waiting if w.new == 1}
-        until = None
+    def _due(self, now: float, deadline: float) -> list[str]:
+        """The sessions worth waiting for: over the blocks of a waiting decode step whose forward has room for more
+        rows, with no step waiting or running in chunks, and due: their next step (one usual interval after their
+        last) is expected before `deadline`, within half an interval from now (a session that just stepped is not
+        waited for), and is not late by more than the bound. Sessions missed once are left out until they step."""
+        rows: dict[tuple[int, int], int] = {}
+        for w in self._waiting:
+            if w.new == 1:
+                rows[(w.start, w.end)] = rows.get((w.start, w.end), 0) + w.rows
+        if not rows:
+            return []
+        here = {w.session for w in (*self._waiting, *self._prefills)}
+        bound = self._wait_bound()
+        due = []
         for session, pace in self._paces.items():
-            if session in here or pace.interval == 0 or pace.blocks not in blocks:
+            if pace.interval == 0 or pace.missed or session in here:
                 continue
-            overdue = pace.last + 2 * pace.interval
-            if pace.last + pace.interval <= deadline and now < overdue:
-                until = overdue if until is None else max(until, overdue)
-        return until
+            if rows.get(pace.blocks, self.max_rows) >= self.max_rows:  # not over these blocks, or no room left
+                continue
+            expected = pace.expected
+            if expected <= deadline and expected - now <= pace.interval / 2 and now <= expected + bound:
+                due.append(session)
+        return due
 
     def stop(self) -> None:
         """Fail what is waiting; later steps are refused."""
@@ -222,6 +262,7 @@ class Scheduler:
             for work in pending:
                 work.future.set_exception(RuntimeError("the node is stopping"))
             self._cond.notify_all()
+            self._arrivals.notify_all()
 
     def _round(self) -> None:
         """Every decode step waiting now (batched), then one chunk of the oldest prompt."""
@@ -284,6 +325,7 @@ class Scheduler:
                 assert work.cache is not None
                 began = time.perf_counter()
                 out = self.span.forward(work.hidden, work.positions, work.mask, work.cache, work.start, work.end)
+                _synchronize(out)
                 seconds = time.perf_counter() - began
                 self._count(1, work.rows, seconds)
             else:
@@ -339,6 +381,7 @@ class Scheduler:
             first.start,
             first.end,
         )
+        _synchronize(out)
         seconds = time.perf_counter() - began
         self._count(len(batch), len(rows), seconds)
         return out, seconds
@@ -356,3 +399,9 @@ def _dropped(work: Work) -> bool:
         return False
     work.future.set_exception(Abandoned("the session's client ended the stream before this step ran"))
     return True
+
+
+def _synchronize(out: torch.Tensor) -> None:
+    """Wait for a GPU forward to end, so that its seconds are its compute, not the time to queue its kernels."""
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from hivegen.model.demo import resolve_model_path
-from hivegen.node.defaults import DEFAULT_BATCH_WAIT, DEFAULT_MAX_ROWS, DEFAULT_PREFILL_CHUNK, MAX_BATCH_WAIT
+from hivegen.node.defaults import (
+    DEFAULT_BATCH_WAIT,
+    DEFAULT_MAX_ROWS,
+    DEFAULT_PREFILL_CHUNK,
+    MAX_BATCH_WAIT,
+    MAX_BATCH_WAIT_SET,
+)
 from hivegen.peers import add_coordinator_argument, add_peers_argument
 from hivegen.process import StopSignals, tie_process_tree
 
@@ -60,15 +66,17 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
 
 
 def _batch_wait(text: str) -> float | None:
-    """An argparse type: `auto` (None) or seconds >= 0."""
+    """An argparse type: `auto` (None) or seconds in [0, MAX_BATCH_WAIT_SET]."""
     if text.strip().lower() == "auto":
         return None
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a number of seconds") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a finite number of seconds >= 0, got {text}")
+    if not (0 <= value <= MAX_BATCH_WAIT_SET):
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto' or a number of seconds from 0 to {MAX_BATCH_WAIT_SET:g}, got {text}"
+        )
     return value
 
 
@@ -204,10 +212,10 @@ def add_commands(commands: Any) -> None:
     )  # fmt: skip
     memory.add_argument(
         "--batch-wait", type=_batch_wait, default=DEFAULT_BATCH_WAIT, metavar="SECONDS",
-        help="the most a decode step waits for the due steps of other sessions, so that they share its forward: "
-        "more rows per forward for a little latency, worth it where the device, not the CPU, is the limit; a lone "
-        f"session never waits ('auto': about one forward's time, at most {MAX_BATCH_WAIT:g} s; "
-        f"default {DEFAULT_BATCH_WAIT:g}: never wait)",
+        help="how long a round of forwards may wait for the steps other sessions are due to send, so that they "
+        "share its forward: more rows per forward for some latency, worth it where the device, not the CPU, is the "
+        f"limit; a lone session never waits ('auto': about one forward's time, at most {MAX_BATCH_WAIT:g} s; at "
+        f"most {MAX_BATCH_WAIT_SET:g}; default {DEFAULT_BATCH_WAIT:g}: never wait)",
     )  # fmt: skip
     serve.add_argument(
         "--attn-implementation",

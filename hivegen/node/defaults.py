@@ -6,3 +6,4 @@ DEFAULT_MAX_ROWS = 64  # the most sequences one forward runs
 DEFAULT_PREFILL_CHUNK = 512  # prompt positions per forward
 DEFAULT_BATCH_WAIT = 0.0  # seconds a decode step may wait for other sessions' due steps (0: never)
 MAX_BATCH_WAIT = 0.05  # seconds: the most `--batch-wait auto` waits
+MAX_BATCH_WAIT_SET = 1.0  # seconds: the most `--batch-wait SECONDS` may be
