@@ -215,7 +215,7 @@ class Scheduler:
         waited = False
         self._gathering = True
         try:
-            while (now := time.monotonic()) < deadline and (due := self._due(now, deadline)):
+            while (now := time.monotonic()) < deadline and (due := self._due(now, deadline, bound)):
                 waited = True
                 self._arrivals.wait(min(deadline, max(self._paces[s].expected + bound for s in due)) - now)
         finally:
@@ -223,12 +223,12 @@ class Scheduler:
         if not waited:
             return
         now = time.monotonic()
-        for session in self._due(now, now):  # still due and not here: it did not come in time
+        for session in self._due(now, now, bound):  # still due and not here: it did not come in time
             self._paces[session].missed = True
         self.stats.waits += 1
         self.stats.wait_seconds += now - began
 
-    def _due(self, now: float, deadline: float) -> list[str]:
+    def _due(self, now: float, deadline: float, bound: float) -> list[str]:
         """The sessions worth waiting for: over the blocks of a waiting decode step whose forward has room for more
         rows, with no step waiting or running in chunks, and due: their next step (one usual interval after their
         last) is expected before `deadline`, within half an interval from now (a session that just stepped is not
@@ -240,7 +240,6 @@ class Scheduler:
         if not rows:
             return []
         here = {w.session for w in (*self._waiting, *self._prefills)}
-        bound = self._wait_bound()
         due = []
         for session, pace in self._paces.items():
             if pace.interval == 0 or pace.missed or session in here:
